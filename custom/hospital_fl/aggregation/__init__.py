@@ -1,0 +1,1 @@
+"""Pure aggregation maths over {name: ndarray}; no FLARE."""

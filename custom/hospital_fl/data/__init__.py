@@ -1,0 +1,1 @@
+"""Datasets, site splits and (later) DICOM ingestion."""

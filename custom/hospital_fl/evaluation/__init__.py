@@ -1,0 +1,1 @@
+"""Per-site evaluation, baselines, bootstrap CIs, report and plots."""

@@ -1,0 +1,1 @@
+"""Thin NVIDIA FLARE adapters: the only subpackage that imports nvflare."""

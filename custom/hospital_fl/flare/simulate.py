@@ -1,0 +1,64 @@
+"""Run a CXR job in FLARE's simulator (SimEnv) and collect what it produced."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from nvflare.recipe.sim_env import SimEnv
+
+from hospital_fl.data.splits import site_names
+from hospital_fl.flare.aggregator import HISTORY_FILE
+from hospital_fl.flare.jobs import JobSpec, build_recipe
+from hospital_fl.flare.site_policy import allow_bundle_components
+
+__all__ = ["FederatedRun", "run_in_simulator", "read_job_result"]
+
+GLOBAL_MODEL_FILE = "FL_global_model.pt"
+
+
+@dataclass(frozen=True)
+class FederatedRun:
+    """What a finished federated job left behind, wherever it ran."""
+
+    result_dir: Path
+    global_model_path: Path
+    history: list[dict]
+    wall_seconds: float
+
+
+def read_job_result(result_dir: str | Path, wall_seconds: float) -> FederatedRun:
+    """Find the final global model and round history in a server job workspace."""
+    result_dir = Path(result_dir)
+    models = sorted(result_dir.rglob(GLOBAL_MODEL_FILE))
+    histories = sorted(result_dir.rglob(HISTORY_FILE))
+    if not models or not histories:
+        raise RuntimeError(
+            f"job result {result_dir} lacks {GLOBAL_MODEL_FILE} or {HISTORY_FILE}: the job did not finish; "
+            "read the server log under that folder for the cause"
+        )
+    return FederatedRun(result_dir, models[0], json.loads(histories[0].read_text()), wall_seconds)
+
+
+def run_in_simulator(spec: JobSpec, workspace_root: str | Path, threads: int | None = None) -> FederatedRun:
+    """Run ``spec`` with every site as a simulated FLARE client; returns its result.
+
+    Args:
+        spec: the job.
+        workspace_root: the simulator workspace goes to ``workspace_root/spec.name`` (replaced).
+        threads: clients running at once (default: all).
+    """
+    workspace_root = Path(workspace_root).resolve()
+    job_ws = workspace_root / spec.name
+    if job_ws.exists():
+        shutil.rmtree(job_ws)
+    allow_bundle_components(job_ws / "local")
+    names = site_names(spec.num_sites)
+    env = SimEnv(clients=names, num_threads=threads or len(names), workspace_root=str(workspace_root))
+    start = time.perf_counter()
+    build_recipe(spec).run(env)
+    wall = time.perf_counter() - start
+    return read_job_result(job_ws / "server", wall)

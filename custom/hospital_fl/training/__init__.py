@@ -1,0 +1,1 @@
+"""Training and evaluation loops: pure torch + MONAI, no FLARE."""

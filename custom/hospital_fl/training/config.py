@@ -1,0 +1,62 @@
+"""Typed, frozen training settings shared by federated, centralized and local-only runs."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from hospital_fl.errors import InputError
+
+__all__ = ["TrainConfig"]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Settings of one local training call.
+
+    Attributes:
+        epochs: local epochs per call (per FL round for federated runs).
+        batch_size: images per optimiser step.
+        lr: peak learning rate of AdamW.
+        schedule: "cosine" (decay over the whole run, federated rounds included) or "constant".
+        weight_decay: AdamW weight decay.
+        balance_classes: weight the loss so each class counts equally at this site; keeps a
+            0.5 threshold meaningful when a hospital's prevalence is skewed.
+        augment: random shifts/rotations (MONAI RandAffine) during training.
+        fedprox_mu: proximal term weight (FedProx); 0 disables it.
+        device: "cpu", "cuda" or "auto" (cuda when available).
+        amp: mixed precision on CUDA (ignored on CPU).
+        seed: seeds torch for reproducible local training.
+        torch_threads: CPU threads for torch at this site (0 = torch's default, all cores);
+            the simulator sets it so co-located simulated sites do not oversubscribe cores.
+    """
+
+    epochs: int = 1
+    batch_size: int = 64
+    lr: float = 2e-3
+    schedule: str = "cosine"
+    weight_decay: float = 1e-4
+    balance_classes: bool = True
+    augment: bool = True
+    fedprox_mu: float = 0.0
+    device: str = "auto"
+    amp: bool = True
+    seed: int = 0
+    torch_threads: int = 0
+
+    def __post_init__(self):
+        checks = [
+            ("epochs", self.epochs >= 1, "it must be >= 1", "use --epochs 1 or more"),
+            ("batch_size", self.batch_size >= 2, "it must be >= 2", "use e.g. --batch-size 64"),
+            ("lr", 0 < self.lr < 1, "it must lie in (0, 1)", "use e.g. --lr 0.002"),
+            ("schedule", self.schedule in ("cosine", "constant"), "it must be cosine or constant", "use cosine"),
+            ("weight_decay", self.weight_decay >= 0, "it must be >= 0", "use e.g. 1e-4"),
+            ("fedprox_mu", self.fedprox_mu >= 0, "it must be >= 0", "use e.g. --mu 0.01, or 0 for FedAvg"),
+            ("torch_threads", self.torch_threads >= 0, "it must be >= 0", "use 0 for all cores"),
+            ("device", self.device in ("auto", "cpu", "cuda"), "it must be auto, cpu or cuda", "use --device auto"),
+        ]
+        for name, ok, rule, fix in checks:
+            if not ok:
+                raise InputError(name, getattr(self, name), rule, fix)
+
+    def to_dict(self) -> dict:
+        return asdict(self)

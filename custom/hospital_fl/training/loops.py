@@ -1,0 +1,151 @@
+"""Local training and inference for CXR classifiers (pure torch + MONAI)."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from monai.transforms import RandAffine, ScaleIntensityRange
+
+from hospital_fl.training.config import TrainConfig
+
+__all__ = ["TrainResult", "resolve_device", "to_tensor", "train_local", "predict_proba", "get_weights", "set_weights", "scheduled_lr"]
+
+_SCALE = ScaleIntensityRange(a_min=0.0, a_max=255.0, b_min=-1.0, b_max=1.0, clip=True)
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    steps: int
+    mean_loss: float
+    seconds: float
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device: got 'cuda'; no CUDA GPU is visible. Fix: use --device auto or cpu")
+    return torch.device(name)
+
+
+def to_tensor(images: np.ndarray) -> torch.Tensor:
+    """uint8 (N, H, W) -> float (N, 1, H, W) in [-1, 1] via MONAI intensity scaling."""
+    return torch.as_tensor(_SCALE(images[:, None].astype(np.float32))).float()
+
+
+def get_weights(model: torch.nn.Module) -> dict[str, np.ndarray]:
+    return {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
+
+
+def set_weights(model: torch.nn.Module, weights: dict[str, np.ndarray]) -> None:
+    state = model.state_dict()
+    missing = set(state) - set(weights)
+    if missing:
+        raise KeyError(f"weights lack {len(missing)} model entries, e.g. {sorted(missing)[:3]}")
+    model.load_state_dict({k: torch.as_tensor(np.asarray(weights[k])).reshape(state[k].shape) for k in state})
+
+
+def _augmenter(seed: int) -> RandAffine:
+    # Small shifts/rotations/zoom: radiographs vary in positioning, never in laterality,
+    # so no flips. One affine per batch keeps augmentation cheap on CPU.
+    aug = RandAffine(prob=0.8, rotate_range=0.15, translate_range=(2, 2), scale_range=0.1, padding_mode="border")
+    aug.set_random_state(seed)
+    return aug
+
+
+def scheduled_lr(cfg: TrainConfig, progress: float) -> float:
+    """Learning rate at ``progress`` (0..1) of the whole run: constant or cosine to 5% of lr."""
+    if cfg.schedule == "constant":
+        return cfg.lr
+    return cfg.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(max(progress, 0.0), 1.0))))
+
+
+def _pos_weight(labels: torch.Tensor) -> torch.Tensor:
+    pos = labels.sum(0)
+    neg = labels.shape[0] - pos
+    return (neg / pos.clamp(min=1)).clamp(0.05, 20.0)
+
+
+def train_local(
+    model: torch.nn.Module,
+    images: np.ndarray,
+    labels: np.ndarray,
+    cfg: TrainConfig,
+    anchor: dict[str, torch.Tensor] | None = None,
+    epoch_offset: int = 0,
+    total_epochs: int | None = None,
+) -> TrainResult:
+    """Train ``model`` in place on one site's data for ``cfg.epochs`` epochs.
+
+    Args:
+        model: the network (its weights are the starting point).
+        images: uint8 (N, H, W).
+        labels: (N,) binary or (N, K) multi-label targets.
+        cfg: training settings.
+        anchor: the received global weights; with ``cfg.fedprox_mu > 0`` a proximal term
+            mu/2 * ||w - anchor||^2 keeps the site close to it (FedProx).
+        epoch_offset / total_epochs: where this call sits in the whole run, so a federated
+            round continues the same learning-rate schedule a centralized run would follow.
+    """
+    start = time.perf_counter()
+    device = resolve_device(cfg.device)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    x = to_tensor(images)
+    y = torch.as_tensor(labels, dtype=torch.float32).reshape(len(labels), -1)
+    model.to(device).train()
+    pos_weight = _pos_weight(y).to(device) if cfg.balance_classes else None
+    loss_fn = torch.nn.BCEWithLogitsLoss(pos_weight=pos_weight)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    use_amp = cfg.amp and device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    aug = _augmenter(cfg.seed) if cfg.augment else None
+    if anchor is not None and cfg.fedprox_mu > 0:
+        anchor = {k: v.detach().to(device) for k, v in anchor.items()}
+    params = dict(model.named_parameters())
+    losses = []
+    total = (total_epochs or cfg.epochs) * len(x)
+    seen = epoch_offset * len(x)
+    for _ in range(cfg.epochs):
+        order = torch.randperm(len(x), generator=gen)
+        for i in range(0, len(order), cfg.batch_size):
+            for group in optimizer.param_groups:
+                group["lr"] = scheduled_lr(cfg, seen / total)
+            seen += cfg.batch_size
+            idx = order[i:i + cfg.batch_size]
+            if len(idx) < 2:
+                continue
+            xb = x[idx]
+            if aug is not None:
+                # MONAI transforms are channel-first per sample: treat the batch as channels
+                # so one call transforms the whole batch with one random affine.
+                xb = torch.as_tensor(aug(xb[:, 0])).unsqueeze(1)
+            xb, yb = xb.to(device, non_blocking=True), y[idx].to(device, non_blocking=True)
+            with torch.autocast(device.type, enabled=use_amp):
+                loss = loss_fn(model(xb).float(), yb)
+            if anchor is not None and cfg.fedprox_mu > 0:
+                prox = sum(((params[k] - anchor[k]) ** 2).sum() for k in params if k in anchor)
+                loss = loss + 0.5 * cfg.fedprox_mu * prox
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            losses.append(float(loss.detach()))
+    model.cpu()
+    return TrainResult(steps=len(losses), mean_loss=float(np.mean(losses)) if losses else float("nan"),
+                       seconds=time.perf_counter() - start)
+
+
+@torch.no_grad()
+def predict_proba(model: torch.nn.Module, images: np.ndarray, device: str = "auto", batch_size: int = 512) -> np.ndarray:
+    """Sigmoid probabilities, (N,) for one output or (N, K) for several."""
+    dev = resolve_device(device)
+    model.to(dev).eval()
+    x = to_tensor(images)
+    out = [torch.sigmoid(model(x[i:i + batch_size].to(dev)).float()).cpu() for i in range(0, len(x), batch_size)]
+    model.cpu()
+    probs = torch.cat(out).numpy()
+    return probs[:, 0] if probs.shape[1] == 1 else probs
