@@ -16,6 +16,7 @@ from nvflare.apis.event_type import EventType
 from nvflare.apis.fl_context import FLContext
 from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 from nvflare.app_common.aggregators.model_aggregator import ModelAggregator
+from nvflare.fuel.utils.log_utils import get_obj_logger
 
 from hospital_fl.aggregation.weighted import update_problem, weighted_mean
 
@@ -33,6 +34,7 @@ class SampleWeightedAggregator(ModelAggregator):
 
     def __init__(self):
         super().__init__()
+        self.logger = get_obj_logger(self)  # ModelAggregator skips FLComponent's init
         self._accepted: list[tuple[dict, int]] = []
         self._round_sites: list[dict] = []
         self._history: list[dict] = []

@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 import time
 from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 
+from nvflare.fuel.utils.log_utils import default_log_dict
 from nvflare.recipe.sim_env import SimEnv
 
 from hospital_fl.data.splits import site_names
 from hospital_fl.flare.aggregator import HISTORY_FILE
 from hospital_fl.flare.jobs import JobSpec, build_recipe
+from hospital_fl.flare.progress import RoundWatcher
 from hospital_fl.flare.site_policy import allow_bundle_components
 
 __all__ = ["FederatedRun", "run_in_simulator", "read_job_result"]
@@ -30,6 +34,16 @@ class FederatedRun:
     wall_seconds: float
 
 
+def quiet_console_log_config(path: Path) -> Path:
+    """FLARE's default logging, but only warnings reach the console: full logs stay in
+    each participant's log.txt, and the terminal keeps the progress display readable."""
+    config = copy.deepcopy(default_log_dict)
+    config["handlers"]["consoleHandler"]["level"] = "WARNING"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(config))
+    return path
+
+
 def read_job_result(result_dir: str | Path, wall_seconds: float) -> FederatedRun:
     """Find the final global model and round history in a server job workspace."""
     result_dir = Path(result_dir)
@@ -43,13 +57,19 @@ def read_job_result(result_dir: str | Path, wall_seconds: float) -> FederatedRun
     return FederatedRun(result_dir, models[0], json.loads(histories[0].read_text()), wall_seconds)
 
 
-def run_in_simulator(spec: JobSpec, workspace_root: str | Path, threads: int | None = None) -> FederatedRun:
+def run_in_simulator(
+    spec: JobSpec,
+    workspace_root: str | Path,
+    threads: int | None = None,
+    on_round: Callable[[int], None] | None = None,
+) -> FederatedRun:
     """Run ``spec`` with every site as a simulated FLARE client; returns its result.
 
     Args:
         spec: the job.
         workspace_root: the simulator workspace goes to ``workspace_root/spec.name`` (replaced).
         threads: clients running at once (default: all).
+        on_round: called with the number of finished rounds as the job progresses.
     """
     workspace_root = Path(workspace_root).resolve()
     job_ws = workspace_root / spec.name
@@ -57,8 +77,11 @@ def run_in_simulator(spec: JobSpec, workspace_root: str | Path, threads: int | N
         shutil.rmtree(job_ws)
     allow_bundle_components(job_ws / "local")
     names = site_names(spec.num_sites)
-    env = SimEnv(clients=names, num_threads=threads or len(names), workspace_root=str(workspace_root))
+    env = SimEnv(clients=names, num_threads=threads or len(names), workspace_root=str(workspace_root),
+                 log_config=str(quiet_console_log_config(workspace_root / f"{spec.name}.log_config.json")))
+    recipe = build_recipe(spec)
     start = time.perf_counter()
-    build_recipe(spec).run(env)
+    with RoundWatcher(job_ws / "server", on_round or (lambda k: None)):
+        recipe.run(env)
     wall = time.perf_counter() - start
     return read_job_result(job_ws / "server", wall)

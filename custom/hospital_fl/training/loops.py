@@ -38,7 +38,8 @@ def to_tensor(images: np.ndarray) -> torch.Tensor:
 
 
 def get_weights(model: torch.nn.Module) -> dict[str, np.ndarray]:
-    return {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
+    # copies: numpy views would change as the model keeps training
+    return {k: v.detach().cpu().numpy().copy() for k, v in model.state_dict().items()}
 
 
 def set_weights(model: torch.nn.Module, weights: dict[str, np.ndarray]) -> None:

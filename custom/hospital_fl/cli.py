@@ -1,0 +1,133 @@
+"""`hospital-fl` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from hospital_fl.errors import InputError
+
+__all__ = ["main"]
+
+
+def _add_job_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--rounds", type=int, default=10, help="federated rounds (default 10)")
+    p.add_argument("--local-epochs", type=int, default=1, help="local epochs per round (default 1)")
+    p.add_argument("--sites", type=int, default=5, help="number of hospitals (default 5)")
+    p.add_argument("--alpha", type=float, default=0.5, help="Dirichlet label-skew alpha (default 0.5)")
+    p.add_argument("--seed", type=int, default=0, help="split and training seed (default 0)")
+    p.add_argument("--algorithm", default="fedavg", help="fedavg or fedprox (default fedavg)")
+    p.add_argument("--mu", type=float, default=0.01, help="FedProx proximal weight (default 0.01)")
+    p.add_argument("--arch", default="compact", help="compact (28x28 demo) or densenet121")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
+    p.add_argument("--data", default=None, help="a MedMNIST-layout .npz instead of the embedded dataset")
+
+
+def _spec_from_args(args, torch_threads: int = 0):
+    from hospital_fl.data.splits import SplitConfig
+    from hospital_fl.flare.jobs import JobSpec
+    from hospital_fl.models.cxr import ModelConfig
+    from hospital_fl.training.config import TrainConfig
+
+    return JobSpec(
+        name=f"cxr_{args.algorithm}",
+        algorithm=args.algorithm,
+        num_rounds=args.rounds,
+        fedprox_mu=args.mu,
+        split=SplitConfig(num_sites=args.sites, alpha=args.alpha, seed=args.seed),
+        model=ModelConfig(arch=args.arch),
+        train=TrainConfig(epochs=args.local_epochs, seed=args.seed, device=args.device, torch_threads=torch_threads),
+    )
+
+
+def _cmd_demo(args) -> int:
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from hospital_fl.demo import DemoConfig, co_located_threads, run_demo
+
+    spec = _spec_from_args(args, torch_threads=co_located_threads(args.sites))
+    cfg = DemoConfig(spec=spec, mode="poc" if args.poc else "simulator", out_dir=Path(args.out),
+                     workspace=Path(args.workspace), data_path=args.data)
+    console = Console(stderr=True)
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console) as progress:
+        report = run_demo(cfg, progress)
+    fed, cen, loc = report["federated"], report["centralized"], report["local_only"]
+    console.print(
+        f"[bold]federated AUC {fed['auc']:.3f}[/] (95% CI {fed['auc_ci95'][0]:.3f}-{fed['auc_ci95'][1]:.3f}), "
+        f"centralized {cen['auc']:.3f}, best local-only {loc['best_auc']:.3f}, min site {fed['min_site_auc']:.3f}"
+    )
+    for flag in report["flags"]:
+        console.print(f"[yellow]flag:[/] {flag}")
+    console.print(f"report: {Path(args.out) / 'report.md'} (json, plots beside it)")
+    return 0
+
+
+def _cmd_export_jobs(args) -> int:
+    from hospital_fl.flare.jobs import export_standard_jobs
+
+    for path in export_standard_jobs(args.jobs_dir):
+        print(path)
+    return 0
+
+
+def _cmd_allow_components(args) -> int:
+    from hospital_fl.flare.site_policy import allow_bundle_components
+
+    print(allow_bundle_components(args.local_dir))
+    return 0
+
+
+def _cmd_bench(args) -> int:
+    from hospital_fl.bench import run_benchmark
+
+    spec = _spec_from_args(args)
+    print(json.dumps(run_benchmark(spec, seeds=args.seeds, workspace=Path(args.workspace), stock=args.stock), indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hospital-fl", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="run the federated pneumonia job on the embedded chest X-rays and report")
+    _add_job_options(demo)
+    demo.add_argument("--poc", action="store_true", help="run on a real FLARE POC system instead of the simulator")
+    demo.add_argument("--out", default="out", help="report folder (default ./out)")
+    demo.add_argument("--workspace", default="workspace", help="FLARE workspace folder (default ./workspace)")
+    demo.set_defaults(func=_cmd_demo)
+
+    export = sub.add_parser("export-jobs", help="write the standard job folders (cxr_fedavg, cxr_fedprox)")
+    export.add_argument("--jobs-dir", default="jobs")
+    export.set_defaults(func=_cmd_export_jobs)
+
+    allow = sub.add_parser("allow-components", help="let a FLARE site build hospital_fl components")
+    allow.add_argument("local_dir", help="the site's startup-kit local/ folder")
+    allow.set_defaults(func=_cmd_allow_components)
+
+    bench = sub.add_parser("bench", help="benchmark federated vs centralized vs local-only; prints JSON")
+    _add_job_options(bench)
+    bench.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    bench.add_argument("--stock", action="store_true", help="also time stock NVFlare FedAvgRecipe on the same work")
+    bench.add_argument("--workspace", default="workspace/bench")
+    bench.set_defaults(func=_cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except InputError as exc:
+        print(f"Error: {exc}\nTry 'hospital-fl {args.command} --help'.", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("Interrupted; FLARE processes started by this command were stopped.", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

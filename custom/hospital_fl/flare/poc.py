@@ -1,0 +1,421 @@
+"""Run a CXR job on a real FLARE POC system: one server and one client process per site.
+
+This is what a consortium admin does on one machine before going to production:
+``nvflare poc prepare`` provisions startup kits for a server, the sites and the admins;
+each site's local policy is widened to this bundle's classes; the server and clients
+are started from their kits' startup scripts; the job is submitted and followed through
+the FLARE admin API; the result is downloaded; the system is shut down. Everything
+talks over loopback with the mutual-TLS certificates the provisioning created.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+import yaml
+from nvflare.apis.job_def import RunStatus
+from nvflare.fuel.flare_api.api_spec import MonitorReturnCode
+from nvflare.fuel.flare_api.flare_api import Session, new_secure_session
+from nvflare.lighter.provision import gen_default_project_config
+from nvflare.tool.api_utils import shutdown_system
+from nvflare.tool.poc.poc_commands import (
+    get_prod_dir,
+    setup_service_config,
+    update_clients,
+    update_server_name,
+)
+from nvflare.tool.poc.service_constants import FlareServiceConstants as SC
+
+from hospital_fl.data.splits import site_names
+from hospital_fl.errors import InputError
+from hospital_fl.flare.jobs import JobSpec, export_job
+from hospital_fl.flare.progress import RoundWatcher
+from hospital_fl.flare.simulate import FederatedRun, read_job_result
+from hospital_fl.flare.site_policy import allow_bundle_components
+
+__all__ = [
+    "DEFAULT_PORT",
+    "PocSystem",
+    "poc_project",
+    "server_ports",
+    "check_ports_free",
+    "poc_processes",
+    "run_in_poc",
+]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PORT = 8002  # FLARE's POC default; the server serves clients and admins on it
+CONNECT_TIMEOUT_S = 120.0
+STOP_TIMEOUT_S = 30.0
+POLL_S = 1.0
+CONSOLE_LOG = "poc_console.log"  # same name `nvflare poc start` uses
+_TEMPLATE_PROJECT = "dummy_project.yml"  # FLARE's template for `nvflare poc prepare`
+
+
+@dataclass(frozen=True)
+class PocSystem:
+    """A prepared POC workspace: where each participant's startup kit lives."""
+
+    workspace: Path
+    prod_dir: Path
+    server: str
+    clients: tuple[str, ...]
+    admin: str
+
+    def kit(self, name: str) -> Path:
+        return self.prod_dir / name
+
+    @property
+    def participants(self) -> tuple[str, ...]:
+        """The processes a POC runs: the server and every client (admin consoles excluded)."""
+        return (self.server, *self.clients)
+
+    @property
+    def server_log(self) -> Path:
+        return self.kit(self.server) / "log.txt"
+
+
+# ---------------------------------------------------------------- pure helpers
+
+
+def poc_project(num_sites: int, port: int = DEFAULT_PORT) -> dict:
+    """FLARE's POC project config with clients site-1..N and the server on ``port``.
+
+    Starts from the template ``nvflare poc prepare -n N`` uses and applies the same edits
+    (server named "server", the client list); only the port is ours to choose.
+    """
+    if not 1024 <= port <= 65535:
+        raise InputError("port", port, "it must lie in 1024..65535", "use e.g. 8002 (FLARE's POC default)")
+    with tempfile.TemporaryDirectory() as tmp:
+        template = Path(tmp) / "project.yml"
+        gen_default_project_config(_TEMPLATE_PROJECT, str(template))
+        project = yaml.safe_load(template.read_text())
+    project = update_clients(site_names(num_sites), num_sites, update_server_name(project))
+    for participant in project["participants"]:
+        if participant["type"] == "server":
+            participant["fed_learn_port"] = port  # the admin port follows it
+    return project
+
+
+def server_ports(server_kit: str | Path) -> list[int]:
+    """The TCP ports a prepared server will listen on, read from its fed_server.json."""
+    config = json.loads((Path(server_kit) / "startup" / "fed_server.json").read_text())
+    ports: list[int] = []
+    for server in config["servers"]:
+        target = server.get("service", {}).get("target", "")
+        candidates = [target.rpartition(":")[2], server.get("admin_port")]
+        ports += [int(p) for p in candidates if p not in (None, "") and int(p) not in ports]
+    return ports
+
+
+def _port_in_use(port: int) -> bool:
+    """Whether a process listens on ``port`` (on any IPv4 address)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        # Like the FLARE server: ignore sockets lingering in TIME_WAIT from an earlier run.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(("", port))
+        except OSError:
+            return True
+    return False
+
+
+def check_ports_free(ports: list[int]) -> None:
+    """Raise InputError naming the first of ``ports`` another process already holds."""
+    for port in ports:
+        if _port_in_use(port):
+            raise InputError(
+                "POC server port", port, "another process is listening on it, so the FLARE server cannot start",
+                f"stop that process (find it with `ss -ltnp 'sport = :{port}'`; an earlier POC system stops with "
+                "`nvflare poc stop`), or choose another port",
+            )
+
+
+def poc_processes(workspace: str | Path) -> list[psutil.Process]:
+    """Live processes whose command line names ``workspace``: a POC system's server,
+    clients, their start-script daemons and the per-job processes they spawn."""
+    needle, found = str(Path(workspace).resolve()), []
+    for proc in psutil.process_iter(["pid", "cmdline", "status"]):
+        info = proc.info
+        if proc.pid == os.getpid() or info["status"] == psutil.STATUS_ZOMBIE:
+            continue
+        if any(needle in arg for arg in info["cmdline"] or ()):
+            found.append(proc)
+    return found
+
+
+# ---------------------------------------------------------------- steps
+
+
+def _prepare(workspace: Path, project: dict) -> PocSystem:
+    """``nvflare poc prepare`` for ``project`` into ``workspace`` (replacing it)."""
+    project_file = workspace.parent / f"{workspace.name}_project.yml"  # outside: prepare wipes workspace
+    project_file.write_text(yaml.safe_dump(project, sort_keys=False))
+    env = dict(
+        os.environ,
+        NVFLARE_POC_WORKSPACE=str(workspace),
+        # prepare registers the admin kits as the user's active FLARE startup kit in
+        # ~/.nvflare; keep that registry inside the run so the user's own stays untouched.
+        HOME=str(workspace.parent / ".nvflare_home"),
+    )
+    cmd = [sys.executable, "-m", "nvflare.cli", "poc", "prepare", "-i", str(project_file), "--force"]
+    done = subprocess.run(cmd, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(
+            f"`nvflare poc prepare` failed (exit {done.returncode}) for {workspace}:\n{done.stdout}{done.stderr}"
+        )
+    project_config, service_config = setup_service_config(str(workspace))
+    return PocSystem(
+        workspace=workspace,
+        prod_dir=Path(get_prod_dir(str(workspace), project_config["name"])),
+        server=service_config[SC.FLARE_SERVER],
+        clients=tuple(service_config[SC.FLARE_CLIENTS]),
+        admin=service_config[SC.FLARE_PROJ_ADMIN],
+    )
+
+
+def _start(system: PocSystem, procs: list[subprocess.Popen]) -> None:
+    """Start the server and each client from its kit's startup script, as `nvflare poc start`
+    does; each process is appended to ``procs`` as soon as it exists, for the cleanup."""
+    env = dict(os.environ)
+    # The kits' scripts run `python3`: make it this interpreter, which has hospital_fl installed.
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    for name in system.participants:
+        kit = system.kit(name)
+        with open(kit / CONSOLE_LOG, "a", buffering=1) as console:
+            procs.append(
+                subprocess.Popen(
+                    ["bash", str(kit / "startup" / "sub_start.sh")],
+                    cwd=kit, env=env, stdin=subprocess.DEVNULL, stdout=console, stderr=subprocess.STDOUT,
+                    start_new_session=True,  # own process group: a Ctrl-C here is handled by our cleanup
+                )
+            )
+
+
+def _check_alive(system: PocSystem, procs: list[subprocess.Popen]) -> None:
+    """Fail fast when a participant's start script has exited (it restarts a crashed process
+    itself, so an exit means it gave up)."""
+    for name, proc in zip(system.participants, procs):
+        if proc.poll() is not None:
+            raise RuntimeError(
+                f"POC participant {name} exited with code {proc.returncode}; read {system.kit(name) / CONSOLE_LOG}"
+            )
+
+
+def _connect(system: PocSystem, procs: list[subprocess.Popen], timeout_s: float) -> Session:
+    """Log in as the project admin once the server answers and every client has registered."""
+    deadline, last = time.monotonic() + timeout_s, "server not reachable yet"
+    while time.monotonic() < deadline:
+        _check_alive(system, procs)
+        session = None
+        try:
+            session = new_secure_session(system.admin, str(system.kit(system.admin)), timeout=5.0)
+            connected = {client.name for client in session.get_system_info().client_info}
+            missing = sorted(set(system.clients) - connected)
+            if not missing:
+                return session
+            last = f"clients not connected yet: {', '.join(missing)}"
+        except Exception as err:  # the server is still starting: NoConnection and the like
+            last = f"{type(err).__name__}: {err}"
+        if session is not None:
+            with contextlib.suppress(Exception):
+                session.close()
+        time.sleep(POLL_S)
+    raise TimeoutError(
+        f"the POC system was not ready within {timeout_s:.0f}s ({last}); read the console logs "
+        f"{system.kit(system.server) / CONSOLE_LOG} and <site>/{CONSOLE_LOG} under {system.prod_dir}"
+    )
+
+
+def _download(session: Session, job_id: str, result_root: Path) -> Path | None:
+    try:
+        return Path(session.download_job_result(job_id, str(result_root)))
+    except Exception as err:
+        log.warning("could not download the result of job %s: %s", job_id, err)
+        return None
+
+
+def _job_server_log(system: PocSystem, job_id: str, downloaded: Path | None) -> Path:
+    """The most specific server log there is for ``job_id``."""
+    for candidate in (
+        downloaded / "workspace" / "log.txt" if downloaded else None,
+        system.kit(system.server) / job_id / "log.txt",
+    ):
+        if candidate is not None and candidate.exists():
+            return candidate
+    return system.server_log
+
+
+def _stop(system: PocSystem, procs: list[subprocess.Popen]) -> list[int]:
+    """Shut the POC system down; returns the pids that survived every attempt (normally none).
+
+    First FLARE's own graceful shutdown (what `nvflare poc stop` does: abort running
+    jobs, stop clients and server), then signals to whatever is left.
+    """
+    started = time.monotonic()
+    if any(proc.poll() is None for proc in procs):
+        try:
+            shutdown_system(
+                str(system.prod_dir), username=system.admin, timeout_in_sec=int(STOP_TIMEOUT_S), verbose=False
+            )
+        except Exception as err:
+            log.warning("graceful POC shutdown failed (%s); terminating its processes", err)
+    # The start scripts notice the shutdown within a few seconds and exit with their child.
+    deadline = time.monotonic() + STOP_TIMEOUT_S
+    while time.monotonic() < deadline and (
+        any(proc.poll() is None for proc in procs) or poc_processes(system.workspace)
+    ):
+        time.sleep(0.5)
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        leftovers = poc_processes(system.workspace)
+        live_groups = [proc.pid for proc in procs if proc.poll() is None]
+        if not leftovers and not live_groups:
+            break
+        log.warning("sending %s to leftover POC processes %s", sig.name, [p.pid for p in leftovers] + live_groups)
+        for pgid in live_groups:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pgid, sig)
+        for proc in leftovers:
+            with contextlib.suppress(psutil.Error):
+                proc.send_signal(sig)
+        psutil.wait_procs(leftovers, timeout=5)
+        for proc in procs:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=5 if proc.poll() is None else 0)
+    log.info("POC system stopped in %.1fs", time.monotonic() - started)
+    return [p.pid for p in poc_processes(system.workspace)] + [p.pid for p in procs if p.poll() is None]
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """While active, SIGTERM raises KeyboardInterrupt so `kill` also runs the cleanup."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be set from the main thread
+        return
+
+    def _raise(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, _raise)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+# ---------------------------------------------------------------- orchestration
+
+
+def run_in_poc(
+    spec: JobSpec,
+    workspace_root: str | Path,
+    on_round: Callable[[int], None] | None = None,
+    timeout_s: float = 900,
+    port: int = DEFAULT_PORT,
+) -> FederatedRun:
+    """Run ``spec`` on a FLARE POC system on this machine; returns its result.
+
+    The POC workspace goes to ``workspace_root/poc`` (replaced) and the downloaded job
+    result to ``workspace_root/result/<job id>``. The system is always shut down before
+    this returns or raises, also on Ctrl-C or SIGTERM.
+
+    Args:
+        spec: the job; the POC gets one client per site, named site-1..site-N.
+        workspace_root: folder for the POC workspace and the result.
+        on_round: called with the number of finished rounds as the job progresses.
+        timeout_s: longest the job may run once submitted; it is aborted after that.
+        port: the server's port for clients and admins.
+
+    Raises:
+        InputError: the server port is taken, or ``port``/``timeout_s`` is out of range.
+        TimeoutError: the system did not come up, or the job did not finish, in time.
+        RuntimeError: the job ended in a failed state (the message names the server log).
+    """
+    if not timeout_s > 0:
+        raise InputError("timeout_s", timeout_s, "it must be > 0", "use e.g. 900")
+    root = Path(workspace_root).resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    project = poc_project(spec.num_sites, port)
+    reported = 0
+
+    def report(rounds: int) -> None:
+        nonlocal reported
+        reported = max(reported, rounds)
+        if on_round is not None:
+            on_round(rounds)
+
+    def still_running(*_) -> bool:  # monitor callback: raises if a participant's process died
+        _check_alive(system, procs)
+        return True
+
+    tick = time.monotonic()
+    system = _prepare(root / "poc", project)
+    for name in system.participants:
+        allow_bundle_components(system.kit(name) / "local")
+    log.info("POC prepared in %.1fs at %s", time.monotonic() - tick, system.workspace)
+    check_ports_free(server_ports(system.kit(system.server)))
+
+    procs: list[subprocess.Popen] = []
+    session: Session | None = None
+    with _sigterm_as_interrupt():
+        try:
+            tick = time.monotonic()
+            _start(system, procs)
+            session = _connect(system, procs, CONNECT_TIMEOUT_S)
+            log.info("POC server and %d clients up in %.1fs", len(system.clients), time.monotonic() - tick)
+
+            with tempfile.TemporaryDirectory() as jobs_dir:
+                job_dir = export_job(spec, jobs_dir)
+                start = time.perf_counter()
+                job_id = session.submit_job(str(job_dir))
+            log.info("submitted job %s", job_id)
+            with RoundWatcher(system.kit(system.server) / job_id, report):
+                code, meta = session.monitor_job_and_return_job_meta(
+                    job_id, timeout=timeout_s, poll_interval=POLL_S,
+                    cb=still_running,
+                )
+            wall = time.perf_counter() - start
+            if code == MonitorReturnCode.TIMEOUT:
+                with contextlib.suppress(Exception):
+                    session.abort_job(job_id)
+                raise TimeoutError(
+                    f"job {job_id} did not finish within timeout_s={timeout_s:g}s and was aborted; "
+                    f"read {_job_server_log(system, job_id, None)}, or raise timeout_s"
+                )
+            status = meta["status"]
+            log.info("job %s ended %s after %.1fs", job_id, status, wall)
+            downloaded = _download(session, job_id, root / "result")
+            if status != RunStatus.FINISHED_COMPLETED.value or downloaded is None:
+                raise RuntimeError(
+                    f"job {job_id} ended with status {status}"
+                    f"{'' if downloaded else ' and its result could not be downloaded'}; "
+                    f"read the server log {_job_server_log(system, job_id, downloaded)}"
+                )
+            run = read_job_result(downloaded, wall)
+            if reported < len(run.history):
+                report(len(run.history))  # the server may remove its job folder before the last log line is read
+            return run
+        finally:
+            if session is not None:
+                with contextlib.suppress(Exception):
+                    session.close()
+            survivors = _stop(system, procs)
+            if survivors:
+                raise RuntimeError(
+                    f"POC processes {survivors} survived shutdown and SIGKILL; end them with `kill -9 {survivors[0]}`"
+                )

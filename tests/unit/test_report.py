@@ -1,0 +1,54 @@
+import numpy as np
+
+from hospital_fl.evaluation.report import RunTiming, build_report, outlier_sites, render_markdown, round_curve
+from hospital_fl.evaluation.scoring import ModelScores
+
+CONTRACT_KEYS = {"task", "dataset", "rounds", "sites", "federated", "centralized", "local_only", "timing",
+                 "communication", "privacy", "flags"}
+
+
+def test_outlier_site_is_flagged_only_when_far_below_the_mean():
+    aucs = {f"s{i}": 0.95 + 0.005 * (i % 2) for i in range(8)}
+
+    assert outlier_sites(aucs) == []
+    assert outlier_sites({**aucs, "weak": 0.70}) == ["weak"]
+
+
+def test_round_curve_weights_sites_by_samples_and_skips_rejected():
+    history = [{"round": 0, "sites": [
+        {"accepted": True, "n_samples": 300, "metrics": {"test_auc": 0.9}},
+        {"accepted": True, "n_samples": 100, "metrics": {"test_auc": 0.5}},
+        {"accepted": False, "n_samples": 100, "metrics": {"test_auc": 0.0}},
+    ]}]
+
+    assert round_curve(history) == [{"round": 0, "site_weighted_test_auc": 0.8}]
+
+
+def _scores(data, quality, rng):
+    def probs(labels):
+        return 1 / (1 + np.exp(-(quality * (labels - 0.5) + rng.normal(0, 1, len(labels)))))
+
+    return ModelScores(probs(data.held_out_test.labels), {s.name: probs(s.test.labels) for s in data.sites})
+
+
+def test_report_carries_the_contract_keys_and_ranks_models(federated_data):
+    rng = np.random.default_rng(0)
+    history = [{"round": 0, "sites": [{"site": s.name, "accepted": True, "n_samples": len(s.train),
+                                       "train_seconds": 1.0, "payload_bytes": 1000,
+                                       "metrics": {"test_auc": 0.9}} for s in federated_data.sites]}]
+
+    report = build_report(
+        task="pneumonia", mode="simulator", rounds=1, data=federated_data,
+        federated=_scores(federated_data, 6, rng), centralized=_scores(federated_data, 6, rng),
+        local_only={s.name: _scores(federated_data, 1, rng) for s in federated_data.sites},
+        history=history, timing=RunTiming(wall_seconds=10.0, client_train_seconds=5.0), settings={},
+    )
+
+    assert CONTRACT_KEYS <= set(report)
+    assert report["timing"]["overhead_ratio"] == 2.0
+    assert report["communication"]["bytes_per_round_per_site"] == 1000
+    assert report["federated"]["auc"] > report["local_only"]["best_auc"]
+    assert report["federated"]["auc_ci95"][0] < report["federated"]["auc"] < report["federated"]["auc_ci95"][1]
+    assert {"name", "n_train", "n_test", "positive_fraction", "auc", "auc_local_only"} <= set(report["sites"][0])
+    assert report["privacy"] == {s.name: None for s in federated_data.sites}
+    assert "| site-1 |" in render_markdown(report)
