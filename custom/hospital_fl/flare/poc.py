@@ -25,12 +25,12 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import nvflare.lighter
 import psutil
 import yaml
 from nvflare.apis.job_def import RunStatus
 from nvflare.fuel.flare_api.api_spec import MonitorReturnCode
 from nvflare.fuel.flare_api.flare_api import Session, new_secure_session
-from nvflare.lighter.provision import gen_default_project_config
 from nvflare.tool.api_utils import shutdown_system
 from nvflare.tool.poc.poc_commands import (
     get_prod_dir,
@@ -62,9 +62,10 @@ log = logging.getLogger(__name__)
 DEFAULT_PORT = 8002  # FLARE's POC default; the server serves clients and admins on it
 CONNECT_TIMEOUT_S = 120.0
 STOP_TIMEOUT_S = 30.0
+ORPHAN_GRACE_S = 5.0
 POLL_S = 1.0
 CONSOLE_LOG = "poc_console.log"  # same name `nvflare poc start` uses
-_TEMPLATE_PROJECT = "dummy_project.yml"  # FLARE's template for `nvflare poc prepare`
+_TEMPLATE_PROJECT = "dummy_project.yml"  # in nvflare.lighter: the template `nvflare poc prepare` uses
 
 
 @dataclass(frozen=True)
@@ -90,7 +91,7 @@ class PocSystem:
         return self.kit(self.server) / "log.txt"
 
 
-# ---------------------------------------------------------------- pure helpers
+# ---------------------------------------------------------------- helpers
 
 
 def poc_project(num_sites: int, port: int = DEFAULT_PORT) -> dict:
@@ -101,10 +102,7 @@ def poc_project(num_sites: int, port: int = DEFAULT_PORT) -> dict:
     """
     if not 1024 <= port <= 65535:
         raise InputError("port", port, "it must lie in 1024..65535", "use e.g. 8002 (FLARE's POC default)")
-    with tempfile.TemporaryDirectory() as tmp:
-        template = Path(tmp) / "project.yml"
-        gen_default_project_config(_TEMPLATE_PROJECT, str(template))
-        project = yaml.safe_load(template.read_text())
+    project = yaml.safe_load((Path(nvflare.lighter.__file__).parent / _TEMPLATE_PROJECT).read_text())
     project = update_clients(site_names(num_sites), num_sites, update_server_name(project))
     for participant in project["participants"]:
         if participant["type"] == "server":
@@ -118,8 +116,9 @@ def server_ports(server_kit: str | Path) -> list[int]:
     ports: list[int] = []
     for server in config["servers"]:
         target = server.get("service", {}).get("target", "")
-        candidates = [target.rpartition(":")[2], server.get("admin_port")]
-        ports += [int(p) for p in candidates if p not in (None, "") and int(p) not in ports]
+        for port in (target.rpartition(":")[2], server.get("admin_port")):
+            if port not in (None, "") and int(port) not in ports:
+                ports.append(int(port))
     return ports
 
 
@@ -142,7 +141,7 @@ def check_ports_free(ports: list[int]) -> None:
             raise InputError(
                 "POC server port", port, "another process is listening on it, so the FLARE server cannot start",
                 f"stop that process (find it with `ss -ltnp 'sport = :{port}'`; an earlier POC system stops with "
-                "`nvflare poc stop`), or choose another port",
+                "`nvflare poc stop`), or use another port (run_in_poc's port argument)",
             )
 
 
@@ -202,7 +201,9 @@ def _start(system: PocSystem, procs: list[subprocess.Popen]) -> None:
                 subprocess.Popen(
                     ["bash", str(kit / "startup" / "sub_start.sh")],
                     cwd=kit, env=env, stdin=subprocess.DEVNULL, stdout=console, stderr=subprocess.STDOUT,
-                    start_new_session=True,  # own process group: a Ctrl-C here is handled by our cleanup
+                    # A session of its own: a terminal Ctrl-C reaches only us, and our cleanup then
+                    # shuts the system down in order instead of each process dying on its own.
+                    start_new_session=True,
                 )
             )
 
@@ -261,6 +262,22 @@ def _job_server_log(system: PocSystem, job_id: str, downloaded: Path | None) -> 
     return system.server_log
 
 
+def _wait_until(done: Callable[[], bool], timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while not done():
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.5)
+    return True
+
+
+def _describe(proc: psutil.Process) -> str:
+    with contextlib.suppress(psutil.Error):
+        module = next((a for a in proc.cmdline() if a.startswith("nvflare.")), proc.name())
+        return f"{proc.pid} ({module})"
+    return str(proc.pid)
+
+
 def _stop(system: PocSystem, procs: list[subprocess.Popen]) -> list[int]:
     """Shut the POC system down; returns the pids that survived every attempt (normally none).
 
@@ -276,17 +293,18 @@ def _stop(system: PocSystem, procs: list[subprocess.Popen]) -> list[int]:
         except Exception as err:
             log.warning("graceful POC shutdown failed (%s); terminating its processes", err)
     # The start scripts notice the shutdown within a few seconds and exit with their child.
-    deadline = time.monotonic() + STOP_TIMEOUT_S
-    while time.monotonic() < deadline and (
-        any(proc.poll() is None for proc in procs) or poc_processes(system.workspace)
-    ):
-        time.sleep(0.5)
+    _wait_until(lambda: all(proc.poll() is not None for proc in procs), STOP_TIMEOUT_S)
+    # Job processes run in sessions of their own; an aborted one can outlive its parent.
+    _wait_until(lambda: not poc_processes(system.workspace), ORPHAN_GRACE_S)
     for sig in (signal.SIGTERM, signal.SIGKILL):
         leftovers = poc_processes(system.workspace)
         live_groups = [proc.pid for proc in procs if proc.poll() is None]
         if not leftovers and not live_groups:
             break
-        log.warning("sending %s to leftover POC processes %s", sig.name, [p.pid for p in leftovers] + live_groups)
+        log.warning(
+            "sending %s to leftover POC processes: %s",
+            sig.name, ", ".join([_describe(p) for p in leftovers] + [f"group {g}" for g in live_groups]),
+        )
         for pgid in live_groups:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(pgid, sig)

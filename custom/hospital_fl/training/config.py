@@ -19,8 +19,11 @@ class TrainConfig:
         lr: peak learning rate of AdamW.
         schedule: "cosine" (decay over the whole run, federated rounds included) or "constant".
         weight_decay: AdamW weight decay.
-        balance_classes: weight the loss so each class counts equally at this site; keeps a
-            0.5 threshold meaningful when a hospital's prevalence is skewed.
+        class_balance: how a site with skewed prevalence keeps both classes in view:
+            "weight" scales the positive-class loss by negatives/positives at the site;
+            "logit_adjust" adds the site's prior log-odds to the logits during training
+            only, so the shared model learns prevalence-free log-odds (logit adjustment);
+            "none" trains on the raw loss.
         augment: random shifts/rotations (MONAI RandAffine) during training.
         fedprox_mu: proximal term weight (FedProx); 0 disables it.
         device: "cpu", "cuda" or "auto" (cuda when available).
@@ -35,7 +38,7 @@ class TrainConfig:
     lr: float = 2e-3
     schedule: str = "cosine"
     weight_decay: float = 1e-4
-    balance_classes: bool = True
+    class_balance: str = "weight"
     augment: bool = True
     fedprox_mu: float = 0.0
     device: str = "auto"
@@ -48,6 +51,8 @@ class TrainConfig:
             ("epochs", self.epochs >= 1, "it must be >= 1", "use --epochs 1 or more"),
             ("batch_size", self.batch_size >= 2, "it must be >= 2", "use e.g. --batch-size 64"),
             ("lr", 0 < self.lr < 1, "it must lie in (0, 1)", "use e.g. --lr 0.002"),
+            ("class_balance", self.class_balance in ("weight", "logit_adjust", "none"),
+             "it must be weight, logit_adjust or none", "use weight"),
             ("schedule", self.schedule in ("cosine", "constant"), "it must be cosine or constant", "use cosine"),
             ("weight_decay", self.weight_decay >= 0, "it must be >= 0", "use e.g. 1e-4"),
             ("fedprox_mu", self.fedprox_mu >= 0, "it must be >= 0", "use e.g. --mu 0.01, or 0 for FedAvg"),

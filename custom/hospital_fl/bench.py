@@ -1,0 +1,95 @@
+"""Benchmark: federated vs centralized vs local-only, FLARE overhead, bytes per round.
+
+Prints JSON; run with ``hospital-fl bench`` (defaults: the demo settings, seeds 0 1 2).
+Figures are means over seeds, with the per-seed values beside them. The FLARE overhead
+is measured two ways: wall / seconds clients spent training (what the report shows), and
+wall / the same rounds of the same training run in one process without FLARE.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from hospital_fl.aggregation.weighted import weighted_mean
+from hospital_fl.data.federated import load_federated
+from hospital_fl.demo import DemoConfig, co_located_threads, run_demo
+from hospital_fl.flare.jobs import JobSpec
+from hospital_fl.models.cxr import build_cxr_model
+from hospital_fl.training.loops import get_weights
+from hospital_fl.training.site_round import run_site_round
+
+__all__ = ["run_benchmark", "time_without_flare"]
+
+
+def time_without_flare(spec: JobSpec) -> float:
+    """Seconds for the same rounds of the same site training and averaging, in one
+    process with no FLARE: the floor any federated runtime is compared with."""
+    data = load_federated(spec.split)
+    torch.manual_seed(spec.train.seed)
+    weights = get_weights(build_cxr_model(spec.model))
+    start = time.perf_counter()
+    for rnd in range(spec.num_rounds):
+        outcomes = [run_site_round(site, weights, rnd, spec.num_rounds, spec.train, spec.model,
+                                   spec.fedprox_mu if spec.algorithm == "fedprox" else 0.0) for site in data.sites]
+        weights = weighted_mean([o.weights for o in outcomes], [o.n_samples for o in outcomes])
+    return time.perf_counter() - start
+
+
+def _time_stock_fedavg(spec: JobSpec, workspace: Path) -> float:
+    from hospital_fl.flare.stock import run_stock_fedavg
+
+    return run_stock_fedavg(spec, workspace)
+
+
+def _mean(values: list[float]) -> float:
+    return float(np.mean(values))
+
+
+def run_benchmark(spec: JobSpec, seeds: list[int], workspace: Path, stock: bool = False) -> dict:
+    per_seed = []
+    for seed in seeds:
+        seed_spec = dataclasses.replace(
+            spec,
+            split=dataclasses.replace(spec.split, seed=seed),
+            train=dataclasses.replace(spec.train, seed=seed, torch_threads=co_located_threads(spec.num_sites)),
+        )
+        report = run_demo(DemoConfig(spec=seed_spec, out_dir=workspace / f"seed{seed}", workspace=workspace / "flare",
+                                     plots=False))
+        no_flare = time_without_flare(dataclasses.replace(seed_spec, train=dataclasses.replace(seed_spec.train, torch_threads=0)))
+        row = {
+            "seed": seed,
+            "federated_auc": report["federated"]["auc"],
+            "federated_min_site_auc": report["federated"]["min_site_auc"],
+            "centralized_auc": report["centralized"]["auc"],
+            "local_only_mean_auc": report["local_only"]["mean_auc"],
+            "local_only_best_auc": report["local_only"]["best_auc"],
+            "wall_seconds": report["timing"]["wall_seconds"],
+            "client_train_seconds": report["timing"]["client_train_seconds"],
+            "overhead_ratio": report["timing"]["overhead_ratio"],
+            "no_flare_seconds": no_flare,
+            "overhead_vs_no_flare": report["timing"]["wall_seconds"] / no_flare,
+            "bytes_per_round_per_site": report["communication"]["bytes_per_round_per_site"],
+        }
+        if stock:
+            row["stock_fedavg_wall_seconds"] = _time_stock_fedavg(seed_spec, workspace / "stock")
+            row["stock_overhead_vs_no_flare"] = row["stock_fedavg_wall_seconds"] / no_flare
+        per_seed.append(row)
+    keys = [k for k in per_seed[0] if k != "seed"]
+    mean = {k: _mean([r[k] for r in per_seed]) for k in keys}
+    return {
+        "benchmark": "cxr federated vs centralized vs local-only",
+        "settings": {"algorithm": spec.algorithm, "rounds": spec.num_rounds, "sites": spec.num_sites,
+                     "alpha": spec.split.alpha, "local_epochs": spec.train.epochs, "arch": spec.model.arch,
+                     "seeds": seeds},
+        "machine": {"cpus": torch.get_num_threads(), "cuda": torch.cuda.is_available(), "python": platform.python_version()},
+        "mean": mean,
+        "per_seed": per_seed,
+        "federated_minus_centralized": mean["federated_auc"] - mean["centralized_auc"],
+        "federated_minus_best_local": mean["federated_auc"] - mean["local_only_best_auc"],
+    }

@@ -1,0 +1,40 @@
+"""Stock NVFlare FedAvgRecipe (ScriptRunner + Client API) on the same work, for timing."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+from nvflare.app_opt.pt.recipes.fedavg import FedAvgRecipe
+from nvflare.recipe.sim_env import SimEnv
+
+from hospital_fl.data.splits import site_names
+from hospital_fl.flare import stock_fedavg_client
+from hospital_fl.flare.jobs import JobSpec
+from hospital_fl.flare.simulate import quiet_console_log_config
+from hospital_fl.models.cxr import CXRClassifier
+
+__all__ = ["run_stock_fedavg"]
+
+
+def run_stock_fedavg(spec: JobSpec, workspace_root: Path) -> float:
+    """Wall seconds of the stock recipe running ``spec``'s training in SimEnv."""
+    workspace_root = Path(workspace_root).resolve()
+    name = "stock_fedavg"
+    if (workspace_root / name).exists():
+        shutil.rmtree(workspace_root / name)
+    recipe = FedAvgRecipe(
+        name=name,
+        model=CXRClassifier(spec.model.arch, spec.model.task, spec.model.image_size),
+        min_clients=spec.num_sites,
+        num_rounds=spec.num_rounds,
+        train_script=stock_fedavg_client.__file__,
+        train_args=f"--num-sites {spec.num_sites} --seed {spec.train.seed} --torch-threads {spec.train.torch_threads}",
+    )
+    names = site_names(spec.num_sites)
+    env = SimEnv(clients=names, num_threads=len(names), workspace_root=str(workspace_root),
+                 log_config=str(quiet_console_log_config(workspace_root / f"{name}.log_config.json")))
+    start = time.perf_counter()
+    recipe.run(env)
+    return time.perf_counter() - start
