@@ -11,6 +11,7 @@ talks over loopback with the mutual-TLS certificates the provisioning created.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import logging
 import os
@@ -225,7 +226,8 @@ def _connect(system: PocSystem, procs: list[subprocess.Popen], timeout_s: float)
         _check_alive(system, procs)
         session = None
         try:
-            session = new_secure_session(system.admin, str(system.kit(system.admin)), timeout=5.0)
+            with _quiet_admin_client():
+                session = new_secure_session(system.admin, str(system.kit(system.admin)), timeout=5.0)
             connected = {client.name for client in session.get_system_info().client_info}
             missing = sorted(set(system.clients) - connected)
             if not missing:
@@ -287,9 +289,10 @@ def _stop(system: PocSystem, procs: list[subprocess.Popen]) -> list[int]:
     started = time.monotonic()
     if any(proc.poll() is None for proc in procs):
         try:
-            shutdown_system(
-                str(system.prod_dir), username=system.admin, timeout_in_sec=int(STOP_TIMEOUT_S), verbose=False
-            )
+            with _quiet_admin_client():
+                shutdown_system(
+                    str(system.prod_dir), username=system.admin, timeout_in_sec=int(STOP_TIMEOUT_S), verbose=False
+                )
         except Exception as err:
             log.warning("graceful POC shutdown failed (%s); terminating its processes", err)
     # The start scripts notice the shutdown within a few seconds and exit with their child.
@@ -317,6 +320,20 @@ def _stop(system: PocSystem, procs: list[subprocess.Popen]) -> list[int]:
                 proc.wait(timeout=5 if proc.poll() is None else 0)
     log.info("POC system stopped in %.1fs", time.monotonic() - started)
     return [p.pid for p in poc_processes(system.workspace)] + [p.pid for p in procs if p.poll() is None]
+
+
+@contextlib.contextmanager
+def _quiet_admin_client() -> Iterator[None]:
+    """Hide the admin client's per-login banner and its retry warnings while the server is
+    still starting; failures still surface as exceptions."""
+    cell_logger = logging.getLogger("nvflare.fuel.f3")
+    level = cell_logger.level
+    cell_logger.setLevel(logging.CRITICAL)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        cell_logger.setLevel(level)
 
 
 @contextlib.contextmanager

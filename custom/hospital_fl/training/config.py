@@ -16,7 +16,8 @@ class TrainConfig:
     Attributes:
         epochs: local epochs per call (per FL round for federated runs).
         batch_size: images per optimiser step.
-        lr: peak learning rate of AdamW.
+        optimizer: "adamw" or "sgd" (Nesterov momentum 0.9); a fresh optimiser each call.
+        lr: peak learning rate.
         schedule: "cosine" (decay over the whole run, federated rounds included) or "constant".
         weight_decay: AdamW weight decay.
         class_balance: how a site with skewed prevalence keeps both classes in view:
@@ -35,6 +36,7 @@ class TrainConfig:
 
     epochs: int = 1
     batch_size: int = 64
+    optimizer: str = "adamw"
     lr: float = 2e-3
     schedule: str = "cosine"
     weight_decay: float = 1e-4
@@ -51,6 +53,7 @@ class TrainConfig:
             ("epochs", self.epochs >= 1, "it must be >= 1", "use --epochs 1 or more"),
             ("batch_size", self.batch_size >= 2, "it must be >= 2", "use e.g. --batch-size 64"),
             ("lr", 0 < self.lr < 1, "it must lie in (0, 1)", "use e.g. --lr 0.002"),
+            ("optimizer", self.optimizer in ("adamw", "sgd"), "it must be adamw or sgd", "use adamw"),
             ("class_balance", self.class_balance in ("weight", "logit_adjust", "none"),
              "it must be weight, logit_adjust or none", "use weight"),
             ("schedule", self.schedule in ("cosine", "constant"), "it must be cosine or constant", "use cosine"),

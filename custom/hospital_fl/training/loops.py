@@ -106,7 +106,11 @@ def train_local(
     pos_weight = _pos_weight(y).to(device) if cfg.class_balance == "weight" else None
     loss_fn = torch.nn.BCEWithLogitsLoss(pos_weight=pos_weight)
     prior = _prior_log_odds(y).to(device) if cfg.class_balance == "logit_adjust" else None
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "sgd":
+        optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9, nesterov=True,
+                                    weight_decay=cfg.weight_decay)
+    else:
+        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     use_amp = cfg.amp and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     aug = _augmenter(cfg.seed) if cfg.augment else None

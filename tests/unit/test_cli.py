@@ -1,0 +1,37 @@
+import pytest
+
+from hospital_fl.cli import main
+
+
+def test_unknown_algorithm_is_refused_before_anything_runs(capsys):
+    assert main(["demo", "--algorithm", "fedsgd"]) == 2
+
+    err = capsys.readouterr().err
+    assert "algorithm: got 'fedsgd'; it must be one of ('fedavg', 'fedprox')" in err
+    assert "Try 'hospital-fl demo --help'" in err
+
+
+def test_missing_data_file_fails_without_leaving_a_report(tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "report.json").write_text("{}")  # from an earlier run
+
+    code = main(["demo", "--data", str(tmp_path / "missing.npz"), "--out", str(out), "--workspace", str(tmp_path / "ws")])
+
+    assert code == 2
+    assert "dataset file: got" in capsys.readouterr().err
+    assert not (out / "report.json").exists()
+    assert not (tmp_path / "ws").exists()  # no FLARE system was started
+
+
+def test_bad_sites_count_names_the_fix(capsys):
+    assert main(["demo", "--sites", "1"]) == 2
+    assert "num_sites: got 1; a federation needs at least 2 sites. Fix: use --sites 2 or more" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [["export-jobs", "--help"], ["demo", "--help"], ["bench", "--help"]])
+def test_help_lists_the_commands(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 0
+    assert "usage: hospital-fl" in capsys.readouterr().out
