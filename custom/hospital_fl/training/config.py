@@ -16,15 +16,11 @@ class TrainConfig:
     Attributes:
         epochs: local epochs per call (per FL round for federated runs).
         batch_size: images per optimiser step.
-        optimizer: "adamw" or "sgd" (Nesterov momentum 0.9); a fresh optimiser each call.
-        lr: peak learning rate.
+        lr: peak learning rate of AdamW (a fresh optimiser each call).
         schedule: "cosine" (decay over the whole run, federated rounds included) or "constant".
         weight_decay: AdamW weight decay.
-        class_balance: how a site with skewed prevalence keeps both classes in view:
-            "weight" scales the positive-class loss by negatives/positives at the site;
-            "logit_adjust" adds the site's prior log-odds to the logits during training
-            only, so the shared model learns prevalence-free log-odds (logit adjustment);
-            "none" trains on the raw loss.
+        balance_classes: scale the positive-class loss by negatives/positives at this site,
+            so each class counts equally however skewed the hospital's prevalence is.
         augment: random shifts/rotations (MONAI RandAffine) during training.
         fedprox_mu: proximal term weight (FedProx); 0 disables it.
         device: "cpu", "cuda" or "auto" (cuda when available).
@@ -36,11 +32,10 @@ class TrainConfig:
 
     epochs: int = 1
     batch_size: int = 64
-    optimizer: str = "adamw"
     lr: float = 2e-3
     schedule: str = "cosine"
     weight_decay: float = 1e-4
-    class_balance: str = "weight"
+    balance_classes: bool = True
     augment: bool = True
     fedprox_mu: float = 0.0
     device: str = "auto"
@@ -53,9 +48,6 @@ class TrainConfig:
             ("epochs", self.epochs >= 1, "it must be >= 1", "use --epochs 1 or more"),
             ("batch_size", self.batch_size >= 2, "it must be >= 2", "use e.g. --batch-size 64"),
             ("lr", 0 < self.lr < 1, "it must lie in (0, 1)", "use e.g. --lr 0.002"),
-            ("optimizer", self.optimizer in ("adamw", "sgd"), "it must be adamw or sgd", "use adamw"),
-            ("class_balance", self.class_balance in ("weight", "logit_adjust", "none"),
-             "it must be weight, logit_adjust or none", "use weight"),
             ("schedule", self.schedule in ("cosine", "constant"), "it must be cosine or constant", "use cosine"),
             ("weight_decay", self.weight_decay >= 0, "it must be >= 0", "use e.g. 1e-4"),
             ("fedprox_mu", self.fedprox_mu >= 0, "it must be >= 0", "use e.g. --mu 0.01, or 0 for FedAvg"),

@@ -65,11 +65,6 @@ def scheduled_lr(cfg: TrainConfig, progress: float) -> float:
     return cfg.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(max(progress, 0.0), 1.0))))
 
 
-def _prior_log_odds(labels: torch.Tensor) -> torch.Tensor:
-    p = labels.mean(0).clamp(0.02, 0.98)
-    return torch.log(p / (1 - p))
-
-
 def _pos_weight(labels: torch.Tensor) -> torch.Tensor:
     pos = labels.sum(0)
     neg = labels.shape[0] - pos
@@ -103,14 +98,9 @@ def train_local(
     x = to_tensor(images)
     y = torch.as_tensor(labels, dtype=torch.float32).reshape(len(labels), -1)
     model.to(device).train()
-    pos_weight = _pos_weight(y).to(device) if cfg.class_balance == "weight" else None
+    pos_weight = _pos_weight(y).to(device) if cfg.balance_classes else None
     loss_fn = torch.nn.BCEWithLogitsLoss(pos_weight=pos_weight)
-    prior = _prior_log_odds(y).to(device) if cfg.class_balance == "logit_adjust" else None
-    if cfg.optimizer == "sgd":
-        optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9, nesterov=True,
-                                    weight_decay=cfg.weight_decay)
-    else:
-        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     use_amp = cfg.amp and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     aug = _augmenter(cfg.seed) if cfg.augment else None
@@ -136,8 +126,7 @@ def train_local(
                 xb = torch.as_tensor(aug(xb[:, 0])).unsqueeze(1)
             xb, yb = xb.to(device, non_blocking=True), y[idx].to(device, non_blocking=True)
             with torch.autocast(device.type, enabled=use_amp):
-                logits = model(xb).float()
-                loss = loss_fn(logits if prior is None else logits + prior, yb)
+                loss = loss_fn(model(xb).float(), yb)
             if anchor is not None and cfg.fedprox_mu > 0:
                 prox = sum(((params[k] - anchor[k]) ** 2).sum() for k in params if k in anchor)
                 loss = loss + 0.5 * cfg.fedprox_mu * prox
