@@ -37,7 +37,8 @@ def _spec_from_args(args, torch_threads: int = 0):
         num_rounds=args.rounds,
         fedprox_mu=args.mu,
         split=SplitConfig(num_sites=args.sites, alpha=args.alpha, seed=args.seed),
-        model=ModelConfig(arch=args.arch),
+        # DenseNet-121 is the CheXNet-style production network at 224x224 (inputs are resized)
+        model=ModelConfig(arch=args.arch, image_size=224 if args.arch == "densenet121" else 28),
         train=TrainConfig(epochs=args.local_epochs, seed=args.seed, device=args.device, torch_threads=torch_threads),
     )
 
@@ -85,7 +86,10 @@ def _cmd_bench(args) -> int:
     from hospital_fl.bench import run_benchmark
 
     spec = _spec_from_args(args)
-    print(json.dumps(run_benchmark(spec, seeds=args.seeds, workspace=Path(args.workspace), stock=args.stock), indent=2))
+    result = json.dumps(run_benchmark(spec, seeds=args.seeds, workspace=Path(args.workspace), stock=args.stock), indent=2)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(result)
+    print(result)
     return 0
 
 
@@ -113,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     bench.add_argument("--stock", action="store_true", help="also time stock NVFlare FedAvgRecipe on the same work")
     bench.add_argument("--workspace", default="workspace/bench")
+    bench.add_argument("--out", default="out/bench.json", help="also write the JSON here (default out/bench.json)")
     bench.set_defaults(func=_cmd_bench)
     return parser
 
@@ -125,8 +130,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"Error: {exc}\nTry 'hospital-fl {args.command} --help'.", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("Interrupted; FLARE processes started by this command were stopped.", file=sys.stderr)
+        print("Interrupted; FLARE processes started by this command were stopped; no report was written.",
+              file=sys.stderr)
         return 130
+    except (RuntimeError, TimeoutError) as exc:
+        print(f"Error: {exc}\nNo report was written.", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

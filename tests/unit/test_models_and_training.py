@@ -90,3 +90,12 @@ def test_site_round_reports_metrics_samples_and_time(federated_data):
     assert set(outcome.metrics) == {"val_auc", "test_auc", "train_loss"}
     assert outcome.train_seconds > 0
     assert set(outcome.weights) == set(weights)
+
+
+def test_small_images_are_resized_for_the_224_network():
+    model = build_cxr_model(ModelConfig(arch="densenet121", image_size=224))
+    images = np.random.default_rng(0).integers(0, 255, (2, 28, 28), dtype=np.uint8)
+
+    probs = predict_proba(model, images, "cpu")
+
+    assert probs.shape == (2,)

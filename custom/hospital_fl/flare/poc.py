@@ -20,7 +20,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -43,6 +42,7 @@ from nvflare.tool.poc.service_constants import FlareServiceConstants as SC
 
 from hospital_fl.data.splits import site_names
 from hospital_fl.errors import InputError
+from hospital_fl.flare.interrupts import sigterm_as_interrupt
 from hospital_fl.flare.jobs import JobSpec, export_job
 from hospital_fl.flare.progress import RoundWatcher
 from hospital_fl.flare.simulate import FederatedRun, read_job_result
@@ -336,23 +336,6 @@ def _quiet_admin_client() -> Iterator[None]:
         cell_logger.setLevel(level)
 
 
-@contextlib.contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
-    """While active, SIGTERM raises KeyboardInterrupt so `kill` also runs the cleanup."""
-    if threading.current_thread() is not threading.main_thread():
-        yield  # signal handlers can only be set from the main thread
-        return
-
-    def _raise(signum, frame):
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    previous = signal.signal(signal.SIGTERM, _raise)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 # ---------------------------------------------------------------- orchestration
 
 
@@ -407,7 +390,7 @@ def run_in_poc(
 
     procs: list[subprocess.Popen] = []
     session: Session | None = None
-    with _sigterm_as_interrupt():
+    with sigterm_as_interrupt():
         try:
             tick = time.monotonic()
             _start(system, procs)

@@ -15,6 +15,7 @@ from nvflare.recipe.sim_env import SimEnv
 
 from hospital_fl.data.splits import site_names
 from hospital_fl.flare.aggregator import HISTORY_FILE
+from hospital_fl.flare.interrupts import sigterm_as_interrupt
 from hospital_fl.flare.jobs import JobSpec, build_recipe
 from hospital_fl.flare.progress import RoundWatcher
 from hospital_fl.flare.site_policy import allow_bundle_components
@@ -35,10 +36,11 @@ class FederatedRun:
 
 
 def quiet_console_log_config(path: Path) -> Path:
-    """FLARE's default logging, but only warnings reach the console: full logs stay in
-    each participant's log.txt, and the terminal keeps the progress display readable."""
+    """FLARE's default logging, but only errors reach the console: full logs (warnings
+    such as rejected updates included) stay in each participant's log.txt, and the
+    terminal keeps the progress display readable."""
     config = copy.deepcopy(default_log_dict)
-    config["handlers"]["consoleHandler"]["level"] = "WARNING"
+    config["handlers"]["consoleHandler"]["level"] = "ERROR"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(config))
     return path
@@ -81,7 +83,8 @@ def run_in_simulator(
                  log_config=str(quiet_console_log_config(workspace_root / f"{spec.name}.log_config.json")))
     recipe = build_recipe(spec)
     start = time.perf_counter()
-    with RoundWatcher(job_ws / "server", on_round or (lambda k: None)):
+    # FLARE kills the simulator's processes on KeyboardInterrupt; SIGTERM is made one too.
+    with sigterm_as_interrupt(), RoundWatcher(job_ws / "server", on_round or (lambda k: None)):
         recipe.run(env)
     wall = time.perf_counter() - start
     return read_job_result(job_ws / "server", wall)

@@ -8,6 +8,7 @@ ways of running the same work can be timed side by side.
 import argparse
 
 import nvflare.client as flare
+import torch
 from nvflare.app_common.abstract.fl_model import FLModel
 
 from hospital_fl.data.federated import load_federated
@@ -25,8 +26,6 @@ def main() -> None:
     args = parser.parse_args()
     train_cfg = TrainConfig(seed=args.seed, torch_threads=args.torch_threads)
     if args.torch_threads:
-        import torch
-
         torch.set_num_threads(args.torch_threads)
     data = load_federated(SplitConfig(num_sites=args.num_sites, seed=args.seed))
     flare.init()
@@ -35,7 +34,8 @@ def main() -> None:
         received = flare.receive()
         outcome = run_site_round(site, received.params, received.current_round or 0, received.total_rounds or 1,
                                  train_cfg, ModelConfig())
-        flare.send(FLModel(params=outcome.weights, metrics=outcome.metrics,
+        # the stock PyTorch exchange carries torch tensors
+        flare.send(FLModel(params={k: torch.as_tensor(v) for k, v in outcome.weights.items()}, metrics=outcome.metrics,
                            meta={"NUM_STEPS_CURRENT_ROUND": outcome.n_samples, "train_seconds": outcome.train_seconds}))
 
 

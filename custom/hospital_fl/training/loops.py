@@ -8,11 +8,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from monai.transforms import RandAffine, ScaleIntensityRange
+from monai.transforms import RandAffine, Resize, ScaleIntensityRange
 
 from hospital_fl.training.config import TrainConfig
 
-__all__ = ["TrainResult", "resolve_device", "to_tensor", "train_local", "predict_proba", "get_weights", "set_weights", "scheduled_lr"]
+__all__ = ["TrainResult", "resolve_device", "to_tensor", "fit_to_model", "train_local", "predict_proba", "get_weights", "set_weights", "scheduled_lr"]
 
 _SCALE = ScaleIntensityRange(a_min=0.0, a_max=255.0, b_min=-1.0, b_max=1.0, clip=True)
 
@@ -35,6 +35,16 @@ def resolve_device(name: str) -> torch.device:
 def to_tensor(images: np.ndarray) -> torch.Tensor:
     """uint8 (N, H, W) -> float (N, 1, H, W) in [-1, 1] via MONAI intensity scaling."""
     return torch.as_tensor(_SCALE(images[:, None].astype(np.float32))).float()
+
+
+def fit_to_model(batch: torch.Tensor, model: torch.nn.Module) -> torch.Tensor:
+    """Resize a (B, 1, H, W) batch to the square input the model expects (its
+    ``image_size``), e.g. 28x28 images for the 224x224 DenseNet-121; per batch, so a
+    dataset is never held in memory at the larger size."""
+    size = getattr(model, "image_size", None)
+    if size is None or tuple(batch.shape[-2:]) == (size, size):
+        return batch
+    return torch.as_tensor(Resize((size, size), mode="bilinear")(batch[:, 0])).unsqueeze(1)
 
 
 def get_weights(model: torch.nn.Module) -> dict[str, np.ndarray]:
@@ -119,7 +129,7 @@ def train_local(
             idx = order[i:i + cfg.batch_size]
             if len(idx) < 2:
                 continue
-            xb = x[idx]
+            xb = fit_to_model(x[idx], model)
             if aug is not None:
                 # MONAI transforms are channel-first per sample: treat the batch as channels
                 # so one call transforms the whole batch with one random affine.
@@ -146,7 +156,8 @@ def predict_proba(model: torch.nn.Module, images: np.ndarray, device: str = "aut
     dev = resolve_device(device)
     model.to(dev).eval()
     x = to_tensor(images)
-    out = [torch.sigmoid(model(x[i:i + batch_size].to(dev)).float()).cpu() for i in range(0, len(x), batch_size)]
+    out = [torch.sigmoid(model(fit_to_model(x[i:i + batch_size], model).to(dev)).float()).cpu()
+           for i in range(0, len(x), batch_size)]
     model.cpu()
     probs = torch.cat(out).numpy()
     return probs[:, 0] if probs.shape[1] == 1 else probs
