@@ -9,6 +9,7 @@ wall / the same rounds of the same training run in one process without FLARE.
 from __future__ import annotations
 
 import dataclasses
+import os
 import platform
 import time
 from pathlib import Path
@@ -30,7 +31,7 @@ __all__ = ["run_benchmark", "time_without_flare"]
 def time_without_flare(spec: JobSpec) -> float:
     """Seconds for the same rounds of the same site training and averaging, in one
     process with no FLARE: the floor any federated runtime is compared with."""
-    data = load_federated(spec.split)
+    data = load_federated(spec.split, spec.data_path)
     torch.manual_seed(spec.train.seed)
     weights = get_weights(build_cxr_model(spec.model))
     start = time.perf_counter()
@@ -39,16 +40,6 @@ def time_without_flare(spec: JobSpec) -> float:
                                    spec.fedprox_mu if spec.algorithm == "fedprox" else 0.0) for site in data.sites]
         weights = weighted_mean([o.weights for o in outcomes], [o.n_samples for o in outcomes])
     return time.perf_counter() - start
-
-
-def _time_stock_fedavg(spec: JobSpec, workspace: Path) -> float:
-    from hospital_fl.flare.stock import run_stock_fedavg
-
-    return run_stock_fedavg(spec, workspace)
-
-
-def _mean(values: list[float]) -> float:
-    return float(np.mean(values))
 
 
 def run_benchmark(spec: JobSpec, seeds: list[int], workspace: Path, stock: bool = False) -> dict:
@@ -77,17 +68,19 @@ def run_benchmark(spec: JobSpec, seeds: list[int], workspace: Path, stock: bool 
             "bytes_per_round_per_site": report["communication"]["bytes_per_round_per_site"],
         }
         if stock:
-            row["stock_fedavg_wall_seconds"] = _time_stock_fedavg(seed_spec, workspace / "stock")
+            from hospital_fl.flare.stock import run_stock_fedavg
+
+            row["stock_fedavg_wall_seconds"] = run_stock_fedavg(seed_spec, workspace / "stock")
             row["stock_overhead_vs_no_flare"] = row["stock_fedavg_wall_seconds"] / no_flare
         per_seed.append(row)
     keys = [k for k in per_seed[0] if k != "seed"]
-    mean = {k: _mean([r[k] for r in per_seed]) for k in keys}
+    mean = {k: float(np.mean([r[k] for r in per_seed])) for k in keys}
     return {
         "benchmark": "cxr federated vs centralized vs local-only",
         "settings": {"algorithm": spec.algorithm, "rounds": spec.num_rounds, "sites": spec.num_sites,
                      "alpha": spec.split.alpha, "local_epochs": spec.train.epochs, "arch": spec.model.arch,
                      "seeds": seeds},
-        "machine": {"cpus": torch.get_num_threads(), "cuda": torch.cuda.is_available(), "python": platform.python_version()},
+        "machine": {"cpus": os.cpu_count(), "cuda": torch.cuda.is_available(), "python": platform.python_version()},
         "mean": mean,
         "per_seed": per_seed,
         "federated_minus_centralized": mean["federated_auc"] - mean["centralized_auc"],

@@ -25,12 +25,20 @@ def _add_job_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default=None, help="a MedMNIST-layout .npz instead of the embedded dataset")
 
 
+def _check_device(device: str) -> None:
+    import torch
+
+    if device == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device", device, "no CUDA GPU is visible on this machine", "use --device auto or cpu")
+
+
 def _spec_from_args(args, torch_threads: int = 0):
     from hospital_fl.data.splits import SplitConfig
     from hospital_fl.flare.jobs import JobSpec
     from hospital_fl.models.cxr import ModelConfig
     from hospital_fl.training.config import TrainConfig
 
+    _check_device(args.device)
     return JobSpec(
         name=f"cxr_{args.algorithm}",
         algorithm=args.algorithm,
@@ -40,6 +48,7 @@ def _spec_from_args(args, torch_threads: int = 0):
         # DenseNet-121 is the CheXNet-style production network at 224x224 (inputs are resized)
         model=ModelConfig(arch=args.arch, image_size=224 if args.arch == "densenet121" else 28),
         train=TrainConfig(epochs=args.local_epochs, seed=args.seed, device=args.device, torch_threads=torch_threads),
+        data_path=str(Path(args.data).resolve()) if args.data else None,
     )
 
 
@@ -51,7 +60,7 @@ def _cmd_demo(args) -> int:
 
     spec = _spec_from_args(args, torch_threads=co_located_threads(args.sites))
     cfg = DemoConfig(spec=spec, mode="poc" if args.poc else "simulator", out_dir=Path(args.out),
-                     workspace=Path(args.workspace), data_path=args.data)
+                     workspace=Path(args.workspace))
     console = Console(stderr=True)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console) as progress:
@@ -78,7 +87,11 @@ def _cmd_export_jobs(args) -> int:
 def _cmd_allow_components(args) -> int:
     from hospital_fl.flare.site_policy import allow_bundle_components
 
-    print(allow_bundle_components(args.local_dir))
+    local_dir = Path(args.local_dir)
+    if not local_dir.is_dir():
+        raise InputError("site local folder", str(local_dir), "it must be an existing startup-kit local/ folder",
+                         "pass the local/ folder of a provisioned site kit, e.g. prod_00/site-1/local")
+    print(allow_bundle_components(local_dir))
     return 0
 
 

@@ -14,13 +14,15 @@ import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 
 from hospital_fl.data.federated import load_federated
+from hospital_fl.errors import InputError
 from hospital_fl.evaluation.baselines import train_centralized, train_local_only
 from hospital_fl.evaluation.plots import plot_roc, plot_rounds, plot_sites
-from hospital_fl.evaluation.report import RunTiming, build_report, write_report
+from hospital_fl.evaluation.report import build_report, write_report
 from hospital_fl.evaluation.scoring import score_model
 from hospital_fl.flare.jobs import JobSpec
 from hospital_fl.flare.simulate import FederatedRun
@@ -29,17 +31,20 @@ from hospital_fl.training.loops import set_weights
 
 __all__ = ["DemoConfig", "run_demo", "co_located_threads", "OUTPUT_FILES"]
 
-OUTPUT_FILES = ("report.json", "report.md", "roc.png", "rounds.png", "sites.png")
+OUTPUT_FILES = ("report.json", "report.md", "roc.png", "rounds.png", "sites.png", "global_model.pt")
 
 
 @dataclass(frozen=True)
 class DemoConfig:
     spec: JobSpec = field(default_factory=JobSpec)
-    mode: str = "simulator"  # or "poc"
+    mode: Literal["simulator", "poc"] = "simulator"
     out_dir: Path = Path("out")
     workspace: Path = Path("workspace")
-    data_path: str | None = None
     plots: bool = True
+
+    def __post_init__(self):
+        if self.mode not in ("simulator", "poc"):
+            raise InputError("mode", self.mode, "it must be simulator or poc", "use --poc for a POC system")
 
 
 def co_located_threads(num_sites: int) -> int:
@@ -58,7 +63,7 @@ def _run_federated(cfg: DemoConfig, on_round: Callable[[int], None]) -> Federate
 
 
 def _load_global_model(run: FederatedRun, spec: JobSpec) -> torch.nn.Module:
-    checkpoint = torch.load(run.global_model_path, map_location="cpu", weights_only=False)
+    checkpoint = torch.load(run.global_model_path, map_location="cpu", weights_only=True)
     model = build_cxr_model(spec.model)
     set_weights(model, {k: v.numpy() for k, v in checkpoint["model"].items()})
     return model
@@ -74,7 +79,7 @@ def run_demo(cfg: DemoConfig, progress=None) -> dict:
     spec = cfg.spec
     for name in OUTPUT_FILES:  # never leave an old report beside a failed run
         (cfg.out_dir / name).unlink(missing_ok=True)
-    data = load_federated(spec.split, cfg.data_path)
+    data = load_federated(spec.split, spec.data_path)
     epochs = spec.num_rounds * spec.train.epochs
     task = (lambda desc, total: progress.add_task(desc, total=total)) if progress else (lambda d, t: None)
     advance = (lambda t, **kw: progress.update(t, **kw)) if progress else (lambda t, **kw: None)
@@ -97,7 +102,6 @@ def run_demo(cfg: DemoConfig, progress=None) -> dict:
     fed_scores = score_model(fed_model, data)
     central_scores = score_model(central_model, data)
     local_scores = {name: score_model(m, data) for name, m in local_models.items()}
-    client_train = sum(s.get("train_seconds") or 0.0 for entry in run.history for s in entry["sites"])
     report = build_report(
         task=spec.model.task,
         mode=cfg.mode,
@@ -107,7 +111,7 @@ def run_demo(cfg: DemoConfig, progress=None) -> dict:
         centralized=central_scores,
         local_only=local_scores,
         history=run.history,
-        timing=RunTiming(run.wall_seconds, client_train),
+        wall_seconds=run.wall_seconds,
         settings={
             "algorithm": spec.algorithm,
             "split": dataclasses.asdict(spec.split),

@@ -1,13 +1,13 @@
 """The FLARE aggregator adapter on real FLModel objects: a bad update is rejected with its
 reason while the round still aggregates the good ones."""
 
-import json
-
 import numpy as np
 import pytest
 from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 
 from hospital_fl.flare.aggregator import SampleWeightedAggregator
+
+pytestmark = pytest.mark.integration
 
 
 def _update(site, w, n, round_=0):
@@ -25,7 +25,7 @@ def test_bad_update_is_rejected_and_the_round_goes_on():
     result = agg.aggregate_model()
 
     np.testing.assert_allclose(result.params["w"], [2.5, 2.5])
-    sites = {s["site"]: s for s in agg._history[0]["sites"]}
+    sites = {s["site"]: s for s in agg.history[0]["sites"]}
     assert not sites["site-2"]["accepted"] and "NaN" in sites["site-2"]["reason"]
     assert result.metrics["val_auc"] == pytest.approx((0.6 * 100 + 0.8 * 300) / 400)
 
@@ -45,4 +45,4 @@ def test_rounds_are_kept_apart():
     agg.accept_model(_update("site-1", [5.0], 10, round_=1))
 
     assert agg.aggregate_model().params["w"][0] == 5.0
-    assert json.loads(json.dumps([h["round"] for h in agg._history])) == [0, 1]
+    assert [h["round"] for h in agg.history] == [0, 1]

@@ -29,9 +29,16 @@ def test_bad_sites_count_names_the_fix(capsys):
     assert "num_sites: got 1; a federation needs at least 2 sites. Fix: use --sites 2 or more" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("argv", [["export-jobs", "--help"], ["demo", "--help"], ["bench", "--help"]])
-def test_help_lists_the_commands(argv, capsys):
+@pytest.mark.parametrize("argv,option", [(["export-jobs", "--help"], "--jobs-dir"), (["demo", "--help"], "--poc"),
+                                         (["bench", "--help"], "--stock")])
+def test_help_describes_each_command(argv, option, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(argv)
     assert exit_info.value.code == 0
-    assert "usage: hospital-fl" in capsys.readouterr().out
+    assert option in capsys.readouterr().out
+
+
+def test_allow_components_refuses_a_missing_kit_folder(tmp_path, capsys):
+    assert main(["allow-components", str(tmp_path / "no-such-kit" / "local")]) == 2
+    assert "site local folder: got" in capsys.readouterr().err
+    assert not (tmp_path / "no-such-kit").exists()

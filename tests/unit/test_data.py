@@ -23,7 +23,11 @@ def test_split_is_deterministic_disjoint_and_complete():
 
     every = np.concatenate([np.concatenate([p.train, p.val, p.test]) for p in a])
     assert sorted(every.tolist()) == list(range(3000))
-    assert all(np.array_equal(x.train, y.train) for x, y in zip(a, b))
+    for x, y in zip(a, b):
+        for portion in ("train", "val", "test"):
+            assert np.array_equal(getattr(x, portion), getattr(y, portion))
+    c = dirichlet_site_split(labels, SplitConfig(seed=4))
+    assert not np.array_equal(a[0].train, c[0].train)
 
 
 def test_split_skews_labels_and_sizes_and_keeps_both_classes_everywhere(federated_data):
@@ -74,3 +78,13 @@ def test_too_many_sites_for_the_data_is_refused():
     labels = np.array([0] * 40 + [1] * 40)
     with pytest.raises(InputError, match="use fewer sites"):
         dirichlet_site_split(labels, SplitConfig(num_sites=5))
+
+
+def test_float_images_are_refused_with_the_rule(tmp_path):
+    raw = {k: v for k, v in np.load(embedded_path()).items()}
+    raw["train_images"] = raw["train_images"].astype(np.float32) / 255
+    path = tmp_path / "float.npz"
+    np.savez(path, **raw)
+
+    with pytest.raises(InputError, match="images must be uint8 grayscale"):
+        load_pneumoniamnist(path)

@@ -46,12 +46,11 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def load_pneumoniamnist(path: str | Path | None = None, verify: bool = True) -> dict[str, CXRArrays]:
+def load_pneumoniamnist(path: str | Path | None = None) -> dict[str, CXRArrays]:
     """Load the train/val/test splits, checking integrity and shapes.
 
     Args:
         path: an .npz in the MedMNIST layout; the embedded copy when None.
-        verify: check the sha256 of the embedded copy (skipped for user files).
 
     Returns:
         {"train" | "val" | "test": CXRArrays}.
@@ -66,7 +65,7 @@ def load_pneumoniamnist(path: str | Path | None = None, verify: bool = True) -> 
             "dataset file", str(path), "it must be an existing PneumoniaMNIST .npz",
             "pass --data PATH to a MedMNIST-layout .npz, or reinstall hospital_fl to restore the embedded copy",
         )
-    if is_embedded and verify and _sha256(path) != EMBEDDED_SHA256:
+    if is_embedded and _sha256(path) != EMBEDDED_SHA256:
         raise InputError(
             "dataset file", str(path), f"its sha256 must be {EMBEDDED_SHA256} (the file is corrupt or was replaced)",
             "reinstall hospital_fl (pip install --force-reinstall .) to restore the embedded copy",
@@ -86,6 +85,11 @@ def load_pneumoniamnist(path: str | Path | None = None, verify: bool = True) -> 
             raise InputError(
                 "dataset file", str(path), f"it must contain the keys {split}_images and {split}_labels",
                 "use an .npz in the MedMNIST layout (train/val/test _images and _labels)",
+            )
+        if images.dtype != np.uint8:
+            raise InputError(
+                f"dataset file {split}_images", f"dtype {images.dtype}", "images must be uint8 grayscale (0-255)",
+                "export the images as uint8, as MedMNIST does",
             )
         labels = labels.reshape(-1).astype(np.int64)
         if images.ndim != 3 or len(images) != len(labels) or not set(np.unique(labels)) <= {0, 1}:

@@ -15,6 +15,13 @@ from hospital_fl.training.metrics import roc_curve  # noqa: E402
 __all__ = ["plot_roc", "plot_rounds", "plot_sites"]
 
 
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def plot_roc(curves: dict[str, tuple[np.ndarray, np.ndarray]], labels: np.ndarray, path: Path) -> Path:
     """ROC of each named model's held-out probabilities."""
     fig, ax = plt.subplots(figsize=(5, 5))
@@ -24,10 +31,7 @@ def plot_roc(curves: dict[str, tuple[np.ndarray, np.ndarray]], labels: np.ndarra
     ax.plot([0, 1], [0, 1], ls=":", c="grey")
     ax.set(xlabel="1 - specificity", ylabel="sensitivity", title="ROC on the held-out test split")
     ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_rounds(report: dict, path: Path) -> Path:
@@ -40,10 +44,7 @@ def plot_rounds(report: dict, path: Path) -> Path:
     ax.axhline(report["centralized"]["auc"], c="C2", ls=":", label="centralized (held-out test)")
     ax.set(xlabel="round", ylabel="AUC", title="Global model AUC per round", ylim=(0.4, 1.0))
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_sites(report: dict, path: Path) -> Path:
@@ -57,7 +58,4 @@ def plot_sites(report: dict, path: Path) -> Path:
     ax.set_xticks(x, [f"{s['name']}\n(n={s['n_train']}, {s['positive_fraction']:.0%} pos)" for s in sites], fontsize=8)
     ax.set(ylabel="AUC on the site's local test", ylim=(0.5, 1.0), title="Per-hospital AUC")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)

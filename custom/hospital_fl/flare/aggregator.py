@@ -37,7 +37,7 @@ class SampleWeightedAggregator(ModelAggregator):
         self.logger = get_obj_logger(self)  # ModelAggregator skips FLComponent's init
         self._accepted: list[tuple[dict, int]] = []
         self._round_sites: list[dict] = []
-        self._history: list[dict] = []
+        self.history: list[dict] = []  # one entry per round: {"round", "sites": [...]}
         self._round = 0
 
     def accept_model(self, model: FLModel) -> None:
@@ -65,11 +65,11 @@ class SampleWeightedAggregator(ModelAggregator):
 
     def aggregate_model(self) -> FLModel:
         rnd = self._round
-        self._history.append({"round": rnd, "sites": self._round_sites})
+        self.history.append({"round": rnd, "sites": self._round_sites})
         if not self._accepted:
             raise RuntimeError(f"round {rnd}: every site's update was rejected; see {HISTORY_FILE} for the reasons")
-        params = weighted_mean([p for p, _ in self._accepted], [n for _, n in self._accepted])
         weights = [n for _, n in self._accepted]
+        params = weighted_mean([p for p, _ in self._accepted], weights)
         metric_names = set.intersection(*(set(s["metrics"]) for s in self._round_sites if s["accepted"]))
         metrics = {
             k: float(np.average([s["metrics"][k] for s in self._round_sites if s["accepted"]], weights=weights))
@@ -86,4 +86,4 @@ class SampleWeightedAggregator(ModelAggregator):
         if event_type == EventType.END_RUN:
             run_dir = fl_ctx.get_engine().get_workspace().get_run_dir(fl_ctx.get_job_id())
             with open(os.path.join(run_dir, HISTORY_FILE), "w") as f:
-                json.dump(self._history, f, indent=1, default=float)
+                json.dump(self.history, f, indent=1, default=float)

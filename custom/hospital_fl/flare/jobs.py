@@ -24,7 +24,7 @@ from hospital_fl.flare.executor import TRAIN_TASK, CXRTrainExecutor
 from hospital_fl.models.cxr import CXRClassifier, ModelConfig
 from hospital_fl.training.config import TrainConfig
 
-__all__ = ["JobSpec", "ALGORITHMS", "STANDARD_JOBS", "build_recipe", "export_job", "export_standard_jobs"]
+__all__ = ["JobSpec", "spec_to_json", "ALGORITHMS", "STANDARD_JOBS", "build_recipe", "export_job", "export_standard_jobs"]
 
 ALGORITHMS = ("fedavg", "fedprox")
 # The executor ignores this: sites run CXRTrainExecutor, not a script (see _InstalledSiteCode).
@@ -42,12 +42,19 @@ class JobSpec:
     split: SplitConfig = field(default_factory=SplitConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    data_path: str | None = None  # a MedMNIST-layout .npz at every site; None: the embedded data
+    # Seconds a site waits before asking the server for its next task. FLARE's default (2 s)
+    # adds up to two such waits to every round; a site's poll is a few hundred bytes.
+    task_request_interval: float = 0.25
 
     def __post_init__(self):
         if self.algorithm not in ALGORITHMS:
             raise InputError("algorithm", self.algorithm, f"it must be one of {ALGORITHMS}", "use fedavg or fedprox")
         if self.num_rounds < 1:
             raise InputError("num_rounds", self.num_rounds, "it must be >= 1", "use --rounds 1 or more")
+        if not 0.05 <= self.task_request_interval <= 60:
+            raise InputError("task_request_interval", self.task_request_interval, "it must lie in 0.05..60 seconds",
+                             "use 0.25, or FLARE's default 2")
         if self.algorithm == "fedprox" and not self.fedprox_mu > 0:
             raise InputError("fedprox_mu", self.fedprox_mu, "FedProx needs mu > 0", "use e.g. --mu 0.01, or fedavg")
 
@@ -55,21 +62,33 @@ class JobSpec:
     def num_sites(self) -> int:
         return self.split.num_sites
 
+    @classmethod
+    def from_json(cls, data: dict) -> "JobSpec":
+        return cls(**{**data, "split": SplitConfig(**data["split"]), "model": ModelConfig(**data["model"]),
+                      "train": TrainConfig(**data["train"])})
+
     def executor_args(self) -> dict:
         return {
             "split": dataclasses.asdict(self.split),
             "model": dataclasses.asdict(self.model),
             "train": dataclasses.asdict(self.train),
+            "data_path": self.data_path,
         }
+
+
+def spec_to_json(spec: JobSpec) -> dict:
+    return dataclasses.asdict(spec)
 
 
 class _InstalledSiteCode:
     """Recipe mixin: each site's app runs CXRTrainExecutor from the installed package.
 
     The stock recipes add a ScriptRunner that ships a script in app/custom (needing BYOC
-    rights at every hospital). Recipes create client apps in ``_prepare_client_apps``;
-    this replaces only that step and keeps the server side (FedAvg controller, persistor,
-    model selection) exactly as FLARE defines it.
+    rights at every hospital). Recipes create client apps in ``_prepare_client_apps``, the
+    hook FLARE's recipe base class documents for subclasses that configure clients
+    differently; this replaces only that step and keeps the server side (FedAvg
+    controller, persistor, model selection) exactly as FLARE defines it. ``_job`` is the
+    recipe's job; FLARE 2.9 offers no public accessor for it.
     """
 
     site_executor: CXRTrainExecutor
@@ -102,6 +121,7 @@ def build_recipe(spec: JobSpec) -> Recipe:
     else:
         recipe = HospitalFedAvgRecipe(**common)
     recipe.site_executor = CXRTrainExecutor(**spec.executor_args())
+    recipe.add_server_config({"server": {"task_request_interval": spec.task_request_interval}})
     # hospital_fl is installed at every site: reference it, never copy it into app/custom.
     recipe._job.set_app_packages(["hospital_fl"])
     return recipe

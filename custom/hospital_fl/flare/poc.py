@@ -20,6 +20,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -147,14 +148,17 @@ def check_ports_free(ports: list[int]) -> None:
 
 
 def poc_processes(workspace: str | Path) -> list[psutil.Process]:
-    """Live processes whose command line names ``workspace``: a POC system's server,
-    clients, their start-script daemons and the per-job processes they spawn."""
+    """Live FLARE processes whose command line names ``workspace``: a POC system's server,
+    clients, their start-script daemons and the per-job processes they spawn (not, say,
+    a `tail -f` on one of its logs)."""
     needle, found = str(Path(workspace).resolve()), []
     for proc in psutil.process_iter(["pid", "cmdline", "status"]):
         info = proc.info
         if proc.pid == os.getpid() or info["status"] == psutil.STATUS_ZOMBIE:
             continue
-        if any(needle in arg for arg in info["cmdline"] or ()):
+        cmdline = info["cmdline"] or ()
+        is_flare = any("nvflare" in arg or arg.endswith("sub_start.sh") for arg in cmdline)
+        if is_flare and any(needle in arg for arg in cmdline):
             found.append(proc)
     return found
 
@@ -381,6 +385,9 @@ def run_in_poc(
         _check_alive(system, procs)
         return True
 
+    # Before prepare: `prepare --force` wipes the workspace, and with it the kits an
+    # earlier POC system on this port would need for `nvflare poc stop`.
+    check_ports_free([port])
     tick = time.monotonic()
     system = _prepare(root / "poc", project)
     for name in system.participants:
@@ -432,7 +439,14 @@ def run_in_poc(
             if session is not None:
                 with contextlib.suppress(Exception):
                     session.close()
-            survivors = _stop(system, procs)
+            # A second Ctrl-C or SIGTERM must not cut the shutdown short.
+            previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)} \
+                if threading.current_thread() is threading.main_thread() else {}
+            try:
+                survivors = _stop(system, procs)
+            finally:
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
             if survivors:
                 raise RuntimeError(
                     f"POC processes {survivors} survived shutdown and SIGKILL; end them with `kill -9 {survivors[0]}`"

@@ -62,7 +62,6 @@ def read_job_result(result_dir: str | Path, wall_seconds: float) -> FederatedRun
 def run_in_simulator(
     spec: JobSpec,
     workspace_root: str | Path,
-    threads: int | None = None,
     on_round: Callable[[int], None] | None = None,
 ) -> FederatedRun:
     """Run ``spec`` with every site as a simulated FLARE client; returns its result.
@@ -70,7 +69,6 @@ def run_in_simulator(
     Args:
         spec: the job.
         workspace_root: the simulator workspace goes to ``workspace_root/spec.name`` (replaced).
-        threads: clients running at once (default: all).
         on_round: called with the number of finished rounds as the job progresses.
     """
     workspace_root = Path(workspace_root).resolve()
@@ -79,12 +77,19 @@ def run_in_simulator(
         shutil.rmtree(job_ws)
     allow_bundle_components(job_ws / "local")
     names = site_names(spec.num_sites)
-    env = SimEnv(clients=names, num_threads=threads or len(names), workspace_root=str(workspace_root),
+    env = SimEnv(clients=names, num_threads=len(names), workspace_root=str(workspace_root),
                  log_config=str(quiet_console_log_config(workspace_root / f"{spec.name}.log_config.json")))
     recipe = build_recipe(spec)
     start = time.perf_counter()
     # FLARE kills the simulator's processes on KeyboardInterrupt; SIGTERM is made one too.
     with sigterm_as_interrupt(), RoundWatcher(job_ws / "server", on_round or (lambda k: None)):
-        recipe.run(env)
+        try:
+            recipe.run(env)
+        except RuntimeError as err:
+            # FLARE handles the interrupt itself (kills the simulator's processes) and
+            # reports it as return code -9; give the caller the interrupt back.
+            if "return code -9" in str(err):
+                raise KeyboardInterrupt("simulator interrupted") from err
+            raise
     wall = time.perf_counter() - start
     return read_job_result(job_ws / "server", wall)

@@ -40,7 +40,8 @@ def allow_bundle_components(local_dir: str | Path) -> Path:
     target = local_dir / "resources.json"
     source = target if target.exists() else local_dir / "resources.json.default"
     resources = json.loads(source.read_text()) if source.exists() else {"format_version": 2}
-    allowed = list(resources.get(CLASS_ALLOW_LIST) or DEFAULT_CLASS_ALLOW_LIST)
+    # An explicit list (even an empty one) is the site's decision: extend it, never replace it.
+    allowed = list(resources[CLASS_ALLOW_LIST] if CLASS_ALLOW_LIST in resources else DEFAULT_CLASS_ALLOW_LIST)
     allowed += [entry for entry in BUNDLE_ALLOW_LIST if entry not in allowed]
     resources[CLASS_ALLOW_LIST] = allowed
     local_dir.mkdir(parents=True, exist_ok=True)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import shlex
 import shutil
 import time
 from pathlib import Path
@@ -11,7 +13,7 @@ from nvflare.recipe.sim_env import SimEnv
 
 from hospital_fl.data.splits import site_names
 from hospital_fl.flare import stock_fedavg_client
-from hospital_fl.flare.jobs import JobSpec
+from hospital_fl.flare.jobs import JobSpec, spec_to_json
 from hospital_fl.flare.simulate import quiet_console_log_config
 from hospital_fl.models.cxr import CXRClassifier
 
@@ -30,7 +32,7 @@ def run_stock_fedavg(spec: JobSpec, workspace_root: Path) -> float:
         min_clients=spec.num_sites,
         num_rounds=spec.num_rounds,
         train_script=stock_fedavg_client.__file__,
-        train_args=f"--num-sites {spec.num_sites} --seed {spec.train.seed} --torch-threads {spec.train.torch_threads}",
+        train_args=f"--spec {shlex.quote(json.dumps(spec_to_json(spec)))}",
     )
     names = site_names(spec.num_sites)
     env = SimEnv(clients=names, num_threads=len(names), workspace_root=str(workspace_root),

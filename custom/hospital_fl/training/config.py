@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 from hospital_fl.errors import InputError
 
@@ -22,7 +22,6 @@ class TrainConfig:
         balance_classes: scale the positive-class loss by negatives/positives at this site,
             so each class counts equally however skewed the hospital's prevalence is.
         augment: random shifts/rotations (MONAI RandAffine) during training.
-        fedprox_mu: proximal term weight (FedProx); 0 disables it.
         device: "cpu", "cuda" or "auto" (cuda when available).
         amp: mixed precision on CUDA (ignored on CPU).
         seed: seeds torch for reproducible local training.
@@ -37,7 +36,6 @@ class TrainConfig:
     weight_decay: float = 1e-4
     balance_classes: bool = True
     augment: bool = True
-    fedprox_mu: float = 0.0
     device: str = "auto"
     amp: bool = True
     seed: int = 0
@@ -45,18 +43,14 @@ class TrainConfig:
 
     def __post_init__(self):
         checks = [
-            ("epochs", self.epochs >= 1, "it must be >= 1", "use --epochs 1 or more"),
-            ("batch_size", self.batch_size >= 2, "it must be >= 2", "use e.g. --batch-size 64"),
-            ("lr", 0 < self.lr < 1, "it must lie in (0, 1)", "use e.g. --lr 0.002"),
+            ("epochs", self.epochs >= 1, "it must be >= 1", "use --local-epochs 1 or more"),
+            ("batch_size", self.batch_size >= 2, "it must be >= 2", "use e.g. 64"),
+            ("lr", 0 < self.lr < 1, "it must lie in (0, 1)", "use e.g. 0.002"),
             ("schedule", self.schedule in ("cosine", "constant"), "it must be cosine or constant", "use cosine"),
             ("weight_decay", self.weight_decay >= 0, "it must be >= 0", "use e.g. 1e-4"),
-            ("fedprox_mu", self.fedprox_mu >= 0, "it must be >= 0", "use e.g. --mu 0.01, or 0 for FedAvg"),
             ("torch_threads", self.torch_threads >= 0, "it must be >= 0", "use 0 for all cores"),
             ("device", self.device in ("auto", "cpu", "cuda"), "it must be auto, cpu or cuda", "use --device auto"),
         ]
         for name, ok, rule, fix in checks:
             if not ok:
                 raise InputError(name, getattr(self, name), rule, fix)
-
-    def to_dict(self) -> dict:
-        return asdict(self)

@@ -87,6 +87,7 @@ def train_local(
     labels: np.ndarray,
     cfg: TrainConfig,
     anchor: dict[str, torch.Tensor] | None = None,
+    fedprox_mu: float = 0.0,
     epoch_offset: int = 0,
     total_epochs: int | None = None,
 ) -> TrainResult:
@@ -97,8 +98,9 @@ def train_local(
         images: uint8 (N, H, W).
         labels: (N,) binary or (N, K) multi-label targets.
         cfg: training settings.
-        anchor: the received global weights; with ``cfg.fedprox_mu > 0`` a proximal term
+        anchor: the received global weights; with ``fedprox_mu > 0`` a proximal term
             mu/2 * ||w - anchor||^2 keeps the site close to it (FedProx).
+        fedprox_mu: the proximal weight, sent by the server with each round (0: FedAvg).
         epoch_offset / total_epochs: where this call sits in the whole run, so a federated
             round continues the same learning-rate schedule a centralized run would follow.
     """
@@ -114,7 +116,9 @@ def train_local(
     use_amp = cfg.amp and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     aug = _augmenter(cfg.seed) if cfg.augment else None
-    if anchor is not None and cfg.fedprox_mu > 0:
+    if fedprox_mu < 0:
+        raise ValueError(f"fedprox_mu must be >= 0, got {fedprox_mu}")
+    if anchor is not None and fedprox_mu > 0:
         anchor = {k: v.detach().to(device) for k, v in anchor.items()}
     params = dict(model.named_parameters())
     losses = []
@@ -137,9 +141,9 @@ def train_local(
             xb, yb = xb.to(device, non_blocking=True), y[idx].to(device, non_blocking=True)
             with torch.autocast(device.type, enabled=use_amp):
                 loss = loss_fn(model(xb).float(), yb)
-            if anchor is not None and cfg.fedprox_mu > 0:
+            if anchor is not None and fedprox_mu > 0:
                 prox = sum(((params[k] - anchor[k]) ** 2).sum() for k in params if k in anchor)
-                loss = loss + 0.5 * cfg.fedprox_mu * prox
+                loss = loss + 0.5 * fedprox_mu * prox
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)

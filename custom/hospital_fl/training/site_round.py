@@ -45,10 +45,10 @@ def run_site_round(
         "val_auc": rank_auc(predict_proba(model, site.val.images, train_cfg.device), site.val.labels),
         "test_auc": rank_auc(predict_proba(model, site.test.images, train_cfg.device), site.test.labels),
     }
-    cfg = dataclasses.replace(train_cfg, fedprox_mu=fedprox_mu, seed=train_cfg.seed * 1000 + round_index)
+    cfg = dataclasses.replace(train_cfg, seed=train_cfg.seed * 1000 + round_index)
     anchor = {k: v.detach().clone() for k, v in model.named_parameters()} if fedprox_mu > 0 else None
     result = train_local(
-        model, site.train.images, site.train.labels, cfg, anchor=anchor,
+        model, site.train.images, site.train.labels, cfg, anchor=anchor, fedprox_mu=fedprox_mu,
         epoch_offset=round_index * cfg.epochs, total_epochs=total_rounds * cfg.epochs,
     )
     metrics["train_loss"] = result.mean_loss
