@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shlex
 import shutil
 import time
 from pathlib import Path
@@ -24,6 +23,9 @@ def run_stock_fedavg(spec: JobSpec, workspace_root: Path) -> float:
     """Wall seconds of the stock recipe running ``spec``'s training in SimEnv."""
     workspace_root = Path(workspace_root).resolve()
     name = "stock_fedavg"
+    spec_file = workspace_root / f"{name}.spec.json"
+    spec_file.parent.mkdir(parents=True, exist_ok=True)
+    spec_file.write_text(json.dumps(spec_to_json(spec)))
     if (workspace_root / name).exists():
         shutil.rmtree(workspace_root / name)
     recipe = FedAvgRecipe(
@@ -32,7 +34,8 @@ def run_stock_fedavg(spec: JobSpec, workspace_root: Path) -> float:
         min_clients=spec.num_sites,
         num_rounds=spec.num_rounds,
         train_script=stock_fedavg_client.__file__,
-        train_args=f"--spec {shlex.quote(json.dumps(spec_to_json(spec)))}",
+        # FLARE splits train_args on whitespace, so the spec travels as a file
+        train_args=f"--spec-file {spec_file}",
     )
     names = site_names(spec.num_sites)
     env = SimEnv(clients=names, num_threads=len(names), workspace_root=str(workspace_root),

@@ -7,6 +7,7 @@ ways of running the same work can be timed side by side.
 
 import argparse
 import json
+from pathlib import Path
 
 import nvflare.client as flare
 import torch
@@ -19,8 +20,8 @@ from hospital_fl.training.site_round import run_site_round
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--spec", required=True, help="the JobSpec as JSON")
-    spec = JobSpec.from_json(json.loads(parser.parse_args().spec))
+    parser.add_argument("--spec-file", required=True, help="the JobSpec as a JSON file")
+    spec = JobSpec.from_json(json.loads(Path(parser.parse_args().spec_file).read_text()))
     if spec.train.torch_threads:
         torch.set_num_threads(spec.train.torch_threads)
     data = load_federated(spec.split, spec.data_path)
