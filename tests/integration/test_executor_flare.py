@@ -1,0 +1,72 @@
+"""The site executor on real FLARE messages: what a hospital receives and sends back."""
+
+import numpy as np
+import pytest
+from nvflare.apis.fl_constant import FLMetaKey, ReservedKey, ReturnCode
+from nvflare.apis.fl_context import FLContext
+from nvflare.apis.shareable import Shareable
+from nvflare.apis.signal import Signal
+from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
+from nvflare.app_common.utils.fl_model_utils import FLModelUtils
+
+from hospital_fl.errors import InputError
+from hospital_fl.flare.executor import CXRTrainExecutor
+from hospital_fl.models.cxr import build_cxr_model
+from hospital_fl.training.loops import get_weights
+
+pytestmark = pytest.mark.integration
+
+FAST = {"augment": False, "device": "cpu", "torch_threads": 1}
+
+
+def _ctx(site):
+    ctx = FLContext()
+    ctx.set_prop(ReservedKey.IDENTITY_NAME, site, private=False, sticky=False)
+    return ctx
+
+
+def _task(weights, meta=None):
+    return FLModelUtils.to_shareable(FLModel(params_type=ParamsType.FULL, params=weights, current_round=1,
+                                             total_rounds=3, meta=meta or {}))
+
+
+def _drift(reply, start):
+    params = FLModelUtils.from_shareable(reply).params
+    return sum(float(((np.asarray(params[k]) - start[k]) ** 2).sum()) for k in start)
+
+
+def test_train_task_returns_weights_sample_count_and_metrics():
+    executor = CXRTrainExecutor(train=FAST)
+    start = get_weights(build_cxr_model())
+
+    reply = executor.execute("train", _task(start), _ctx("site-3"), Signal())
+
+    result = FLModelUtils.from_shareable(reply)
+    assert result.params_type == ParamsType.FULL and set(result.params) == set(start)
+    assert result.meta[FLMetaKey.NUM_STEPS_CURRENT_ROUND] == result.meta["n_samples"] == 151
+    assert result.current_round == 1
+    assert {"val_auc", "test_auc", "train_loss"} <= set(result.metrics)
+    assert _drift(reply, start) > 0
+
+
+def test_fedprox_mu_sent_by_the_server_holds_the_site_near_the_global_model():
+    executor = CXRTrainExecutor(train={**FAST, "lr": 0.005})
+    start = get_weights(build_cxr_model())
+
+    plain = executor.execute("train", _task(start), _ctx("site-2"), Signal())
+    prox = executor.execute("train", _task(start, {"fedprox_mu": 10.0}), _ctx("site-2"), Signal())
+
+    assert _drift(prox, start) < 0.5 * _drift(plain, start)
+
+
+def test_other_tasks_are_declined_and_unknown_sites_named():
+    executor = CXRTrainExecutor(train=FAST)
+
+    assert executor.execute("validate", Shareable(), _ctx("site-1"), Signal()).get_return_code() == ReturnCode.TASK_UNKNOWN
+    with pytest.raises(InputError, match="site name: got 'hospital-z'"):
+        executor.execute("train", _task(get_weights(build_cxr_model())), _ctx("hospital-z"), Signal())
+
+
+def test_bad_settings_fail_when_the_job_starts():
+    with pytest.raises(InputError, match="epochs: got 0"):
+        CXRTrainExecutor(train={"epochs": 0})
