@@ -58,9 +58,14 @@ def _cmd_demo(args) -> int:
 
     from hospital_fl.demo import DemoConfig, co_located_threads, run_demo
 
-    spec = _spec_from_args(args, torch_threads=co_located_threads(args.sites))
+    if args.job:
+        from hospital_fl.flare.jobs import read_job_folder
+
+        spec = read_job_folder(args.job)  # the folder's own settings; job options are ignored
+    else:
+        spec = _spec_from_args(args, torch_threads=co_located_threads(args.sites))
     cfg = DemoConfig(spec=spec, mode="poc" if args.poc else "simulator", out_dir=Path(args.out),
-                     workspace=Path(args.workspace))
+                     workspace=Path(args.workspace), job_dir=Path(args.job) if args.job and args.poc else None)
     console = Console(stderr=True)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console) as progress:
@@ -113,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="run the federated pneumonia job on the embedded chest X-rays and report")
     _add_job_options(demo)
     demo.add_argument("--poc", action="store_true", help="run on a real FLARE POC system instead of the simulator")
+    demo.add_argument("--job", default=None,
+                      help="run this exported job folder (e.g. jobs/cxr_fedavg) with its own settings; "
+                           "with --poc it is submitted as is")
     demo.add_argument("--out", default="out", help="report folder (default ./out)")
     demo.add_argument("--workspace", default="workspace", help="FLARE workspace folder (default ./workspace)")
     demo.set_defaults(func=_cmd_demo)

@@ -41,6 +41,7 @@ class DemoConfig:
     out_dir: Path = Path("out")
     workspace: Path = Path("workspace")
     plots: bool = True
+    job_dir: Path | None = None  # a POC run submits this folder as is (spec must be read from it)
 
     def __post_init__(self):
         if self.mode not in ("simulator", "poc"):
@@ -56,7 +57,7 @@ def _run_federated(cfg: DemoConfig, on_round: Callable[[int], None]) -> Federate
     if cfg.mode == "poc":
         from hospital_fl.flare.poc import run_in_poc
 
-        return run_in_poc(cfg.spec, cfg.workspace, on_round=on_round)
+        return run_in_poc(cfg.spec, cfg.workspace, on_round=on_round, job_dir=cfg.job_dir)
     from hospital_fl.flare.simulate import run_in_simulator
 
     return run_in_simulator(cfg.spec, cfg.workspace, on_round=on_round)

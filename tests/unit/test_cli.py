@@ -42,3 +42,9 @@ def test_allow_components_refuses_a_missing_kit_folder(tmp_path, capsys):
     assert main(["allow-components", str(tmp_path / "no-such-kit" / "local")]) == 2
     assert "site local folder: got" in capsys.readouterr().err
     assert not (tmp_path / "no-such-kit").exists()
+
+
+def test_missing_job_folder_is_refused_before_anything_runs(tmp_path, capsys):
+    assert main(["demo", "--poc", "--job", str(tmp_path / "jobs" / "cxr_fedavg"), "--workspace", str(tmp_path / "ws")]) == 2
+    assert "job folder: got" in capsys.readouterr().err
+    assert not (tmp_path / "ws").exists()

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from hospital_fl.flare.jobs import STANDARD_JOBS, JobSpec, export_standard_jobs
+from hospital_fl.flare.jobs import STANDARD_JOBS, JobSpec, export_standard_jobs, read_job_folder
 from hospital_fl.flare.site_policy import allow_bundle_components, is_allowed
 from hospital_fl.errors import InputError
 
@@ -71,3 +71,13 @@ def test_site_policy_keeps_existing_settings_and_adds_the_bundle(tmp_path):
     assert resources["max_jobs"] == 3
     assert resources["class_allow_list"].count("hospital_fl.") == 1
     assert not is_allowed("evil_pkg.Exec")
+
+
+@pytest.mark.parametrize("job", sorted(STANDARD_JOBS))
+def test_a_job_folder_reads_back_into_its_spec(job):
+    assert read_job_folder(JOBS / job) == STANDARD_JOBS[job]
+
+
+def test_a_missing_job_folder_is_named_with_the_fix(tmp_path):
+    with pytest.raises(InputError, match=r"job folder: got '.*nowhere'; it must be a FLARE job folder.*Fix: pass one"):
+        read_job_folder(tmp_path / "nowhere")

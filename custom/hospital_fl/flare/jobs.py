@@ -9,6 +9,7 @@ the admin console's ``submit_job`` accept. No app/custom code is shipped: every 
 from __future__ import annotations
 
 import dataclasses
+import json
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +25,7 @@ from hospital_fl.flare.executor import TRAIN_TASK, CXRTrainExecutor
 from hospital_fl.models.cxr import CXRClassifier, ModelConfig
 from hospital_fl.training.config import TrainConfig
 
-__all__ = ["JobSpec", "spec_to_json", "ALGORITHMS", "STANDARD_JOBS", "build_recipe", "export_job", "export_standard_jobs"]
+__all__ = ["JobSpec", "spec_to_json", "ALGORITHMS", "STANDARD_JOBS", "build_recipe", "export_job", "read_job_folder", "export_standard_jobs"]
 
 ALGORITHMS = ("fedavg", "fedprox")
 # The executor ignores this: sites run CXRTrainExecutor, not a script (see _InstalledSiteCode).
@@ -140,6 +141,41 @@ def export_job(spec: JobSpec, jobs_dir: str | Path) -> Path:
         shutil.rmtree(target)
     build_recipe(spec).export(str(jobs_dir))
     return target
+
+
+def read_job_folder(job_dir: str | Path) -> JobSpec:
+    """The JobSpec a CXR job folder (as exported by ``export_job``) was made from.
+
+    Raises:
+        InputError: the folder is missing, is not a FLARE job folder, or is not a CXR job.
+    """
+    job_dir = Path(job_dir)
+    config = job_dir / "app" / "config"
+    needed = [job_dir / "meta.json", config / "config_fed_client.json", config / "config_fed_server.json"]
+    if not all(p.is_file() for p in needed):
+        raise InputError(
+            "job folder", str(job_dir), "it must be a FLARE job folder holding meta.json and "
+            "app/config/config_fed_client.json and config_fed_server.json",
+            "pass one of the exported folders, e.g. jobs/cxr_fedavg (regenerate with `hospital-fl export-jobs`)",
+        )
+    client, server = (json.loads(p.read_text()) for p in needed[1:])
+    executors = [e["executor"] for e in client.get("executors", []) if e["executor"]["path"].endswith(".CXRTrainExecutor")]
+    if not executors:
+        raise InputError("job folder", str(job_dir), "its sites must run hospital_fl.flare.executor.CXRTrainExecutor",
+                         "pass a CXR job such as jobs/cxr_fedavg")
+    args, controller = executors[0]["args"], server["workflows"][0]["args"]
+    mu = controller.get("fedprox_mu")
+    return JobSpec(
+        name=job_dir.name,
+        algorithm="fedprox" if mu else "fedavg",
+        num_rounds=controller["num_rounds"],
+        fedprox_mu=mu or JobSpec.fedprox_mu,
+        split=SplitConfig(**args.get("split", {})),
+        model=ModelConfig(**args.get("model", {})),
+        train=TrainConfig(**args.get("train", {})),
+        data_path=args.get("data_path"),
+        task_request_interval=server.get("server", {}).get("task_request_interval", 2.0),
+    )
 
 
 def export_standard_jobs(jobs_dir: str | Path) -> list[Path]:

@@ -349,6 +349,7 @@ def run_in_poc(
     on_round: Callable[[int], None] | None = None,
     timeout_s: float = 900,
     port: int = DEFAULT_PORT,
+    job_dir: str | Path | None = None,
 ) -> FederatedRun:
     """Run ``spec`` on a FLARE POC system on this machine; returns its result.
 
@@ -362,6 +363,8 @@ def run_in_poc(
         on_round: called with the number of finished rounds as the job progresses.
         timeout_s: longest the job may run once submitted; it is aborted after that.
         port: the server's port for clients and admins.
+        job_dir: submit this job folder (e.g. jobs/cxr_fedavg) as it is; by default
+            ``spec`` is exported to a temporary folder and that is submitted.
 
     Raises:
         InputError: the server port is taken, or ``port``/``timeout_s`` is out of range.
@@ -405,9 +408,9 @@ def run_in_poc(
             log.info("POC server and %d clients up in %.1fs", len(system.clients), time.monotonic() - tick)
 
             with tempfile.TemporaryDirectory() as jobs_dir:
-                job_dir = export_job(spec, jobs_dir)
+                folder = Path(job_dir) if job_dir is not None else export_job(spec, jobs_dir)
                 start = time.perf_counter()
-                job_id = session.submit_job(str(job_dir))
+                job_id = session.submit_job(str(folder.resolve()))
             log.info("submitted job %s", job_id)
             with RoundWatcher(system.kit(system.server) / job_id, report):
                 code, meta = session.monitor_job_and_return_job_meta(
