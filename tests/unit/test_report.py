@@ -12,6 +12,8 @@ def test_outlier_site_is_flagged_among_five_sites_only_when_far_below_the_others
 
     assert outlier_sites({**aucs, "e": 0.94}) == []
     assert outlier_sites({**aucs, "weak": 0.80}) == ["weak"]
+    # statistically far below near-perfect sites, but clinically no difference
+    assert outlier_sites({"a": 0.996, "b": 1.0, "c": 1.0, "d": 1.0, "e": 0.990}) == []
 
 
 def test_round_curve_weights_sites_by_samples_and_skips_rejected():
