@@ -36,8 +36,18 @@ def time_without_flare(spec: JobSpec) -> float:
     weights = get_weights(build_cxr_model(spec.model))
     start = time.perf_counter()
     for rnd in range(spec.num_rounds):
-        outcomes = [run_site_round(site, weights, rnd, spec.num_rounds, spec.train, spec.model,
-                                   spec.fedprox_mu if spec.algorithm == "fedprox" else 0.0) for site in data.sites]
+        outcomes = [
+            run_site_round(
+                site,
+                weights,
+                rnd,
+                spec.num_rounds,
+                spec.train,
+                spec.model,
+                spec.fedprox_mu if spec.algorithm == "fedprox" else 0.0,
+            )
+            for site in data.sites
+        ]
         weights = weighted_mean([o.weights for o in outcomes], [o.n_samples for o in outcomes])
     return time.perf_counter() - start
 
@@ -50,9 +60,12 @@ def run_benchmark(spec: JobSpec, seeds: list[int], workspace: Path, stock: bool 
             split=dataclasses.replace(spec.split, seed=seed),
             train=dataclasses.replace(spec.train, seed=seed, torch_threads=co_located_threads(spec.num_sites)),
         )
-        report = run_demo(DemoConfig(spec=seed_spec, out_dir=workspace / f"seed{seed}", workspace=workspace / "flare",
-                                     plots=False))
-        no_flare = time_without_flare(dataclasses.replace(seed_spec, train=dataclasses.replace(seed_spec.train, torch_threads=0)))
+        report = run_demo(
+            DemoConfig(spec=seed_spec, out_dir=workspace / f"seed{seed}", workspace=workspace / "flare", plots=False)
+        )
+        no_flare = time_without_flare(
+            dataclasses.replace(seed_spec, train=dataclasses.replace(seed_spec.train, torch_threads=0))
+        )
         row = {
             "seed": seed,
             "federated_auc": report["federated"]["auc"],
@@ -77,9 +90,15 @@ def run_benchmark(spec: JobSpec, seeds: list[int], workspace: Path, stock: bool 
     mean = {k: float(np.mean([r[k] for r in per_seed])) for k in keys}
     return {
         "benchmark": "cxr federated vs centralized vs local-only",
-        "settings": {"algorithm": spec.algorithm, "rounds": spec.num_rounds, "sites": spec.num_sites,
-                     "alpha": spec.split.alpha, "local_epochs": spec.train.epochs, "arch": spec.model.arch,
-                     "seeds": seeds},
+        "settings": {
+            "algorithm": spec.algorithm,
+            "rounds": spec.num_rounds,
+            "sites": spec.num_sites,
+            "alpha": spec.split.alpha,
+            "local_epochs": spec.train.epochs,
+            "arch": spec.model.arch,
+            "seeds": seeds,
+        },
         "machine": {"cpus": os.cpu_count(), "cuda": torch.cuda.is_available(), "python": platform.python_version()},
         "mean": mean,
         "per_seed": per_seed,

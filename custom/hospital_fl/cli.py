@@ -64,8 +64,13 @@ def _cmd_demo(args) -> int:
         spec = read_job_folder(args.job)  # the folder's own settings; job options are ignored
     else:
         spec = _spec_from_args(args, torch_threads=co_located_threads(args.sites))
-    cfg = DemoConfig(spec=spec, mode="poc" if args.poc else "simulator", out_dir=Path(args.out),
-                     workspace=Path(args.workspace), job_dir=Path(args.job) if args.job and args.poc else None)
+    cfg = DemoConfig(
+        spec=spec,
+        mode="poc" if args.poc else "simulator",
+        out_dir=Path(args.out),
+        workspace=Path(args.workspace),
+        job_dir=Path(args.job) if args.job and args.poc else None,
+    )
     console = Console(stderr=True)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console) as progress:
@@ -94,8 +99,12 @@ def _cmd_allow_components(args) -> int:
 
     local_dir = Path(args.local_dir)
     if not local_dir.is_dir():
-        raise InputError("site local folder", str(local_dir), "it must be an existing startup-kit local/ folder",
-                         "pass the local/ folder of a provisioned site kit, e.g. prod_00/site-1/local")
+        raise InputError(
+            "site local folder",
+            str(local_dir),
+            "it must be an existing startup-kit local/ folder",
+            "pass the local/ folder of a provisioned site kit, e.g. prod_00/site-1/local",
+        )
     print(allow_bundle_components(local_dir))
     return 0
 
@@ -104,7 +113,9 @@ def _cmd_bench(args) -> int:
     from hospital_fl.bench import run_benchmark
 
     spec = _spec_from_args(args)
-    result = json.dumps(run_benchmark(spec, seeds=args.seeds, workspace=Path(args.workspace), stock=args.stock), indent=2)
+    result = json.dumps(
+        run_benchmark(spec, seeds=args.seeds, workspace=Path(args.workspace), stock=args.stock), indent=2
+    )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(result)
     print(result)
@@ -118,9 +129,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="run the federated pneumonia job on the embedded chest X-rays and report")
     _add_job_options(demo)
     demo.add_argument("--poc", action="store_true", help="run on a real FLARE POC system instead of the simulator")
-    demo.add_argument("--job", default=None,
-                      help="run this exported job folder (e.g. jobs/cxr_fedavg) with its own settings; "
-                           "with --poc it is submitted as is")
+    demo.add_argument(
+        "--job",
+        default=None,
+        help="run this exported job folder (e.g. jobs/cxr_fedavg) with its own settings; "
+        "with --poc it is submitted as is",
+    )
     demo.add_argument("--out", default="out", help="report folder (default ./out)")
     demo.add_argument("--workspace", default="workspace", help="FLARE workspace folder (default ./workspace)")
     demo.set_defaults(func=_cmd_demo)
@@ -151,8 +165,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"Error: {exc}\nTry 'hospital-fl {args.command} --help'.", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("Interrupted; FLARE processes started by this command were stopped; no report was written.",
-              file=sys.stderr)
+        print(
+            "Interrupted; FLARE processes started by this command were stopped; no report was written.", file=sys.stderr
+        )
         return 130
     except (RuntimeError, TimeoutError) as exc:
         print(f"Error: {exc}\nNo report was written.", file=sys.stderr)

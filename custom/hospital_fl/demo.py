@@ -125,8 +125,15 @@ def run_demo(cfg: DemoConfig, progress=None) -> dict:
     if cfg.plots:
         labels = data.held_out_test.labels
         best = report["local_only"]["best_site"]
-        plot_roc({"federated": fed_scores.held_out, "centralized": central_scores.held_out,
-                  f"local-only ({best})": local_scores[best].held_out}, labels, cfg.out_dir / "roc.png")
+        plot_roc(
+            {
+                "federated": fed_scores.held_out,
+                "centralized": central_scores.held_out,
+                f"local-only ({best})": local_scores[best].held_out,
+            },
+            labels,
+            cfg.out_dir / "roc.png",
+        )
         plot_rounds(report, cfg.out_dir / "rounds.png")
         plot_sites(report, cfg.out_dir / "sites.png")
     shutil.copy2(run.global_model_path, cfg.out_dir / "global_model.pt")

@@ -11,9 +11,13 @@ pytestmark = pytest.mark.integration
 
 
 def _update(site, w, n, round_=0):
-    return FLModel(params_type=ParamsType.FULL, params={"w": np.asarray(w, dtype=np.float32)},
-                   metrics={"val_auc": 0.5 + n / 1000}, current_round=round_,
-                   meta={"client_name": site, "n_samples": n, "train_seconds": 0.1})
+    return FLModel(
+        params_type=ParamsType.FULL,
+        params={"w": np.asarray(w, dtype=np.float32)},
+        metrics={"val_auc": 0.5 + n / 1000},
+        current_round=round_,
+        meta={"client_name": site, "n_samples": n, "train_seconds": 0.1},
+    )
 
 
 def test_bad_update_is_rejected_and_the_round_goes_on():

@@ -26,8 +26,9 @@ def _ctx(site):
 
 
 def _task(weights, meta=None):
-    return FLModelUtils.to_shareable(FLModel(params_type=ParamsType.FULL, params=weights, current_round=1,
-                                             total_rounds=3, meta=meta or {}))
+    return FLModelUtils.to_shareable(
+        FLModel(params_type=ParamsType.FULL, params=weights, current_round=1, total_rounds=3, meta=meta or {})
+    )
 
 
 def _drift(reply, start):
@@ -62,7 +63,9 @@ def test_fedprox_mu_sent_by_the_server_holds_the_site_near_the_global_model():
 def test_other_tasks_are_declined_and_unknown_sites_named():
     executor = CXRTrainExecutor(train=FAST)
 
-    assert executor.execute("validate", Shareable(), _ctx("site-1"), Signal()).get_return_code() == ReturnCode.TASK_UNKNOWN
+    assert (
+        executor.execute("validate", Shareable(), _ctx("site-1"), Signal()).get_return_code() == ReturnCode.TASK_UNKNOWN
+    )
     with pytest.raises(InputError, match="site name: got 'hospital-z'"):
         executor.execute("train", _task(get_weights(build_cxr_model())), _ctx("hospital-z"), Signal())
 

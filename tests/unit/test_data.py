@@ -1,7 +1,6 @@
 import numpy as np
 import pytest
 
-from hospital_fl.data.federated import load_federated
 from hospital_fl.data.pneumoniamnist import embedded_path, load_pneumoniamnist
 from hospital_fl.data.splits import SplitConfig, dirichlet_site_split
 from hospital_fl.errors import InputError
@@ -52,7 +51,9 @@ def test_held_out_test_is_never_given_to_a_site(federated_data):
 
 
 def test_bad_alpha_names_the_value_rule_and_fix():
-    with pytest.raises(InputError, match=r"alpha: got -1.0; the Dirichlet alpha must be > 0. Fix: use e.g. --alpha 0.5"):
+    with pytest.raises(
+        InputError, match=r"alpha: got -1.0; the Dirichlet alpha must be > 0. Fix: use e.g. --alpha 0.5"
+    ):
         SplitConfig(alpha=-1.0)
 
 

@@ -28,7 +28,9 @@ def _class_paths(node):
 
 @pytest.mark.parametrize("job", sorted(STANDARD_JOBS))
 def test_every_config_path_imports_and_is_allowed_at_sites(job):
-    paths = [p for cfg in (JOBS / job / "app" / "config").glob("*.json") for p in _class_paths(json.loads(cfg.read_text()))]
+    paths = [
+        p for cfg in (JOBS / job / "app" / "config").glob("*.json") for p in _class_paths(json.loads(cfg.read_text()))
+    ]
 
     assert "hospital_fl.flare.executor.CXRTrainExecutor" in paths
     for path in paths:

@@ -20,7 +20,8 @@ def _imports(path: Path) -> set[str]:
 
 def test_nvflare_is_imported_only_under_flare():
     offenders = [
-        str(p.relative_to(PACKAGE)) for p in PACKAGE.rglob("*.py")
+        str(p.relative_to(PACKAGE))
+        for p in PACKAGE.rglob("*.py")
         if "nvflare" in _imports(p) and p.relative_to(PACKAGE).parts[0] != "flare"
     ]
 

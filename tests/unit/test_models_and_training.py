@@ -64,8 +64,14 @@ def test_fedprox_term_keeps_weights_near_the_global_model(federated_data):
         model = build_cxr_model()
         set_weights(model, start)
         anchor = {k: v.detach().clone() for k, v in model.named_parameters()}
-        train_local(model, site.train.images, site.train.labels, dataclasses.replace(FAST, lr=5e-3),
-                    anchor=anchor, fedprox_mu=mu)
+        train_local(
+            model,
+            site.train.images,
+            site.train.labels,
+            dataclasses.replace(FAST, lr=5e-3),
+            anchor=anchor,
+            fedprox_mu=mu,
+        )
         return sum(float(((get_weights(model)[k] - start[k]) ** 2).sum()) for k in start)
 
     assert drift(10.0) < 0.5 * drift(0.0)

@@ -3,8 +3,19 @@ import numpy as np
 from hospital_fl.evaluation.report import build_report, outlier_sites, render_markdown, round_curve
 from hospital_fl.evaluation.scoring import ModelScores
 
-CONTRACT_KEYS = {"task", "dataset", "rounds", "sites", "federated", "centralized", "local_only", "timing",
-                 "communication", "privacy", "flags"}
+CONTRACT_KEYS = {
+    "task",
+    "dataset",
+    "rounds",
+    "sites",
+    "federated",
+    "centralized",
+    "local_only",
+    "timing",
+    "communication",
+    "privacy",
+    "flags",
+}
 
 
 def test_outlier_site_is_flagged_among_five_sites_only_when_far_below_the_others():
@@ -17,11 +28,16 @@ def test_outlier_site_is_flagged_among_five_sites_only_when_far_below_the_others
 
 
 def test_round_curve_weights_sites_by_samples_and_skips_rejected():
-    history = [{"round": 0, "sites": [
-        {"accepted": True, "n_samples": 300, "metrics": {"test_auc": 0.9}},
-        {"accepted": True, "n_samples": 100, "metrics": {"test_auc": 0.5}},
-        {"accepted": False, "n_samples": 100, "metrics": {"test_auc": 0.0}},
-    ]}]
+    history = [
+        {
+            "round": 0,
+            "sites": [
+                {"accepted": True, "n_samples": 300, "metrics": {"test_auc": 0.9}},
+                {"accepted": True, "n_samples": 100, "metrics": {"test_auc": 0.5}},
+                {"accepted": False, "n_samples": 100, "metrics": {"test_auc": 0.0}},
+            ],
+        }
+    ]
 
     assert round_curve(history) == [{"round": 0, "site_weighted_test_auc": 0.8}]
 
@@ -35,15 +51,34 @@ def _scores(data, quality, rng):
 
 def test_report_carries_the_contract_keys_and_ranks_models(federated_data):
     rng = np.random.default_rng(0)
-    history = [{"round": 0, "sites": [{"site": s.name, "accepted": True, "n_samples": len(s.train),
-                                       "train_seconds": 1.0, "payload_bytes": 1000,
-                                       "metrics": {"test_auc": 0.9}} for s in federated_data.sites]}]
+    history = [
+        {
+            "round": 0,
+            "sites": [
+                {
+                    "site": s.name,
+                    "accepted": True,
+                    "n_samples": len(s.train),
+                    "train_seconds": 1.0,
+                    "payload_bytes": 1000,
+                    "metrics": {"test_auc": 0.9},
+                }
+                for s in federated_data.sites
+            ],
+        }
+    ]
 
     report = build_report(
-        task="pneumonia", mode="simulator", rounds=1, data=federated_data,
-        federated=_scores(federated_data, 6, rng), centralized=_scores(federated_data, 6, rng),
+        task="pneumonia",
+        mode="simulator",
+        rounds=1,
+        data=federated_data,
+        federated=_scores(federated_data, 6, rng),
+        centralized=_scores(federated_data, 6, rng),
         local_only={s.name: _scores(federated_data, 1, rng) for s in federated_data.sites},
-        history=history, wall_seconds=10.0, settings={},
+        history=history,
+        wall_seconds=10.0,
+        settings={},
     )
 
     assert CONTRACT_KEYS <= set(report)

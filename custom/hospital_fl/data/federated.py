@@ -48,7 +48,9 @@ class FederatedDataset:
             if s.name == name:
                 return s
         raise InputError(
-            "site name", name, f"it must be one of {self.site_names}",
+            "site name",
+            name,
+            f"it must be one of {self.site_names}",
             "use a FLARE client name that matches the split (site-1 ... site-N) or change --sites",
         )
 
@@ -75,7 +77,5 @@ def load_federated(split: SplitConfig = SplitConfig(), data_path: str | Path | N
         np.concatenate([raw["train"].labels, raw["val"].labels]),
     )
     portions: list[SitePortions] = dirichlet_site_split(pool.labels, split)
-    sites = tuple(
-        SiteData(p.name, _take(pool, p.train), _take(pool, p.val), _take(pool, p.test)) for p in portions
-    )
+    sites = tuple(SiteData(p.name, _take(pool, p.train), _take(pool, p.val), _take(pool, p.test)) for p in portions)
     return FederatedDataset(sites=sites, held_out_test=raw["test"], split=split)

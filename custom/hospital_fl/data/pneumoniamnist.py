@@ -62,12 +62,16 @@ def load_pneumoniamnist(path: str | Path | None = None) -> dict[str, CXRArrays]:
     path = embedded_path() if is_embedded else Path(path)
     if not path.is_file():
         raise InputError(
-            "dataset file", str(path), "it must be an existing PneumoniaMNIST .npz",
+            "dataset file",
+            str(path),
+            "it must be an existing PneumoniaMNIST .npz",
             "pass --data PATH to a MedMNIST-layout .npz, or reinstall hospital_fl to restore the embedded copy",
         )
     if is_embedded and _sha256(path) != EMBEDDED_SHA256:
         raise InputError(
-            "dataset file", str(path), f"its sha256 must be {EMBEDDED_SHA256} (the file is corrupt or was replaced)",
+            "dataset file",
+            str(path),
+            f"its sha256 must be {EMBEDDED_SHA256} (the file is corrupt or was replaced)",
             "reinstall hospital_fl (pip install --force-reinstall .) to restore the embedded copy",
         )
     try:
@@ -75,7 +79,9 @@ def load_pneumoniamnist(path: str | Path | None = None) -> dict[str, CXRArrays]:
             arrays = {k: npz[k] for k in npz.files}
     except (OSError, ValueError, zipfile.BadZipFile) as exc:
         raise InputError(
-            "dataset file", str(path), f"it must be a readable .npz archive ({exc})",
+            "dataset file",
+            str(path),
+            f"it must be a readable .npz archive ({exc})",
             "re-download or re-export the dataset file",
         ) from exc
     out = {}
@@ -83,18 +89,23 @@ def load_pneumoniamnist(path: str | Path | None = None) -> dict[str, CXRArrays]:
         images, labels = arrays.get(f"{split}_images"), arrays.get(f"{split}_labels")
         if images is None or labels is None:
             raise InputError(
-                "dataset file", str(path), f"it must contain the keys {split}_images and {split}_labels",
+                "dataset file",
+                str(path),
+                f"it must contain the keys {split}_images and {split}_labels",
                 "use an .npz in the MedMNIST layout (train/val/test _images and _labels)",
             )
         if images.dtype != np.uint8:
             raise InputError(
-                f"dataset file {split}_images", f"dtype {images.dtype}", "images must be uint8 grayscale (0-255)",
+                f"dataset file {split}_images",
+                f"dtype {images.dtype}",
+                "images must be uint8 grayscale (0-255)",
                 "export the images as uint8, as MedMNIST does",
             )
         labels = labels.reshape(-1).astype(np.int64)
         if images.ndim != 3 or len(images) != len(labels) or not set(np.unique(labels)) <= {0, 1}:
             raise InputError(
-                f"dataset file {split} split", f"images {images.shape}, labels {labels.shape}",
+                f"dataset file {split} split",
+                f"images {images.shape}, labels {labels.shape}",
                 "images must be (N, H, W) with N binary 0/1 labels",
                 "use a binary 2D dataset such as PneumoniaMNIST",
             )

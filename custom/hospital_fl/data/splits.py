@@ -38,13 +38,17 @@ class SplitConfig:
 
     def __post_init__(self):
         if self.num_sites < 2:
-            raise InputError("num_sites", self.num_sites, "a federation needs at least 2 sites", "use --sites 2 or more")
+            raise InputError(
+                "num_sites", self.num_sites, "a federation needs at least 2 sites", "use --sites 2 or more"
+            )
         if not self.alpha > 0:
             raise InputError("alpha", self.alpha, "the Dirichlet alpha must be > 0", "use e.g. --alpha 0.5")
         if not (0 < self.val_fraction < 0.5 and 0 < self.test_fraction < 0.5):
             raise InputError(
-                "val_fraction/test_fraction", (self.val_fraction, self.test_fraction),
-                "each must lie in (0, 0.5)", "use e.g. 0.1 and 0.2",
+                "val_fraction/test_fraction",
+                (self.val_fraction, self.test_fraction),
+                "each must lie in (0, 0.5)",
+                "use e.g. 0.1 and 0.2",
             )
 
 
@@ -72,8 +76,11 @@ def _class_shares(labels: np.ndarray, cfg: SplitConfig, rng: np.random.Generator
         spare = len(idx) - floor * cfg.num_sites
         if spare < 0:
             raise InputError(
-                f"class {cls}", f"{len(idx)} images", f"at least {floor * cfg.num_sites} are needed for "
-                f"{cfg.num_sites} sites with min_per_class={cfg.min_per_class}", "use fewer sites",
+                f"class {cls}",
+                f"{len(idx)} images",
+                f"at least {floor * cfg.num_sites} are needed for "
+                f"{cfg.num_sites} sites with min_per_class={cfg.min_per_class}",
+                "use fewer sites",
             )
         shares = rng.dirichlet(np.full(cfg.num_sites, cfg.alpha))
         counts = floor + np.floor(shares * spare).astype(int)
@@ -90,8 +97,8 @@ def _stratified_portions(idx: np.ndarray, labels: np.ndarray, cfg: SplitConfig, 
         n_val = max(cfg.min_per_class, round(len(members) * cfg.val_fraction))
         n_test = max(cfg.min_per_class, round(len(members) * cfg.test_fraction))
         val.append(members[:n_val])
-        test.append(members[n_val:n_val + n_test])
-        train.append(members[n_val + n_test:])
+        test.append(members[n_val : n_val + n_test])
+        train.append(members[n_val + n_test :])
     return tuple(np.sort(np.concatenate(p)) for p in (train, val, test))
 
 

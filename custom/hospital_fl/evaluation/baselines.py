@@ -20,22 +20,25 @@ from hospital_fl.training.loops import train_local
 __all__ = ["train_centralized", "train_local_only"]
 
 
-def _train(images: np.ndarray, labels: np.ndarray, train_cfg: TrainConfig, model_cfg: ModelConfig,
-           epochs: int) -> tuple[CXRClassifier, float]:
+def _train(
+    images: np.ndarray, labels: np.ndarray, train_cfg: TrainConfig, model_cfg: ModelConfig, epochs: int
+) -> tuple[CXRClassifier, float]:
     torch.manual_seed(train_cfg.seed)
     model = build_cxr_model(model_cfg)
     result = train_local(model, images, labels, dataclasses.replace(train_cfg, epochs=epochs))
     return model, result.seconds
 
 
-def train_centralized(data: FederatedDataset, train_cfg: TrainConfig, model_cfg: ModelConfig,
-                      epochs: int) -> tuple[CXRClassifier, float]:
+def train_centralized(
+    data: FederatedDataset, train_cfg: TrainConfig, model_cfg: ModelConfig, epochs: int
+) -> tuple[CXRClassifier, float]:
     """Train on all sites' training portions pooled; returns (model, training seconds)."""
     pooled = data.pooled("train")
     return _train(pooled.images, pooled.labels, train_cfg, model_cfg, epochs)
 
 
-def train_local_only(site: SiteData, train_cfg: TrainConfig, model_cfg: ModelConfig,
-                     epochs: int) -> tuple[CXRClassifier, float]:
+def train_local_only(
+    site: SiteData, train_cfg: TrainConfig, model_cfg: ModelConfig, epochs: int
+) -> tuple[CXRClassifier, float]:
     """Train on one site's own training portion; returns (model, training seconds)."""
     return _train(site.train.images, site.train.labels, train_cfg, model_cfg, epochs)

@@ -38,8 +38,12 @@ def plot_rounds(report: dict, path: Path) -> Path:
     """AUC of the global model per round, as the sites measured it on their local test data."""
     curve = report["rounds_curve"]
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot([c["round"] for c in curve], [c["site_weighted_test_auc"] for c in curve], marker="o",
-            label="global model at round start (sites' local tests)")
+    ax.plot(
+        [c["round"] for c in curve],
+        [c["site_weighted_test_auc"] for c in curve],
+        marker="o",
+        label="global model at round start (sites' local tests)",
+    )
     ax.axhline(report["federated"]["auc"], c="C1", ls="--", label="final federated (held-out test)")
     ax.axhline(report["centralized"]["auc"], c="C2", ls=":", label="centralized (held-out test)")
     ax.set(xlabel="round", ylabel="AUC", title="Global model AUC per round", ylim=(0.4, 1.0))
@@ -52,8 +56,9 @@ def plot_sites(report: dict, path: Path) -> Path:
     sites = report["sites"]
     x = np.arange(len(sites))
     fig, ax = plt.subplots(figsize=(7, 4))
-    for i, (key, name) in enumerate((("auc", "federated"), ("auc_local_only", "local-only"),
-                                     ("auc_centralized", "centralized"))):
+    for i, (key, name) in enumerate(
+        (("auc", "federated"), ("auc_local_only", "local-only"), ("auc_centralized", "centralized"))
+    ):
         ax.bar(x + (i - 1) * 0.27, [s[key] for s in sites], width=0.27, label=name)
     ax.set_xticks(x, [f"{s['name']}\n(n={s['n_train']}, {s['positive_fraction']:.0%} pos)" for s in sites], fontsize=8)
     ax.set(ylabel="AUC on the site's local test", ylim=(0.5, 1.0), title="Per-hospital AUC")

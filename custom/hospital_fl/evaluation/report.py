@@ -7,7 +7,6 @@ federated, centralized, local_only, timing, communication, privacy, flags.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -87,23 +86,28 @@ def build_report(
     for site in data.sites:
         labels = site.test.labels
         fed_site_aucs[site.name] = rank_auc(federated.per_site[site.name], labels)
-        sites.append({
-            "name": site.name,
-            "n_train": len(site.train),
-            "n_test": len(site.test),
-            "positive_fraction": round(site.positive_fraction, 4),
-            "auc": fed_site_aucs[site.name],
-            "auc_local_only": rank_auc(local_only[site.name].per_site[site.name], labels),
-            "auc_centralized": rank_auc(centralized.per_site[site.name], labels),
-            "auc_local_only_on_held_out": local_held_out[site.name],
-        })
+        sites.append(
+            {
+                "name": site.name,
+                "n_train": len(site.train),
+                "n_test": len(site.test),
+                "positive_fraction": round(site.positive_fraction, 4),
+                "auc": fed_site_aucs[site.name],
+                "auc_local_only": rank_auc(local_only[site.name].per_site[site.name], labels),
+                "auc_centralized": rank_auc(centralized.per_site[site.name], labels),
+                "auc_local_only_on_held_out": local_held_out[site.name],
+            }
+        )
 
     flags = [
         f"{name}: federated AUC {fed_site_aucs[name]:.3f} is more than 2 SD (and 0.02) below the other sites' mean"
         for name in outlier_sites(fed_site_aucs)
     ]
-    flags += [f"{s['name']}: local test holds only {s['n_test']} images; its AUC is imprecise"
-              for s in sites if s["n_test"] < 50]
+    flags += [
+        f"{s['name']}: local test holds only {s['n_test']} images; its AUC is imprecise"
+        for s in sites
+        if s["n_test"] < 50
+    ]
     per_round = [s for entry in history for s in entry["sites"]]
     rejected = [s for s in per_round if not s.get("accepted")]
     flags += [f"{s['site']}: an update was rejected ({s['reason']})" for s in rejected]

@@ -49,15 +49,17 @@ class SampleWeightedAggregator(ModelAggregator):
         if problem is None and model.params_type != ParamsType.FULL:
             problem = f"params_type must be FULL, got {model.params_type}"
         self._round = model.current_round if model.current_round is not None else self._round
-        self._round_sites.append({
-            "site": site,
-            "accepted": problem is None,
-            "reason": problem,
-            "n_samples": n_samples,
-            "train_seconds": meta.get("train_seconds"),
-            "payload_bytes": _payload_bytes(model.params or {}),
-            "metrics": model.metrics or {},
-        })
+        self._round_sites.append(
+            {
+                "site": site,
+                "accepted": problem is None,
+                "reason": problem,
+                "n_samples": n_samples,
+                "train_seconds": meta.get("train_seconds"),
+                "payload_bytes": _payload_bytes(model.params or {}),
+                "metrics": model.metrics or {},
+            }
+        )
         if problem is not None:
             self.logger.warning(f"round {self._round}: rejected update from {site}: {problem}")
             return

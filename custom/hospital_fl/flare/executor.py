@@ -42,8 +42,13 @@ class CXRTrainExecutor(Executor):
         data_path: a MedMNIST-layout .npz instead of the embedded dataset.
     """
 
-    def __init__(self, split: dict | None = None, model: dict | None = None, train: dict | None = None,
-                 data_path: str | None = None):
+    def __init__(
+        self,
+        split: dict | None = None,
+        model: dict | None = None,
+        train: dict | None = None,
+        data_path: str | None = None,
+    ):
         super().__init__()
         # Kept under the argument names: FLARE's job export reads them back into the config.
         self._split, self._model, self._train = split, model, train

@@ -25,7 +25,16 @@ from hospital_fl.flare.executor import TRAIN_TASK, CXRTrainExecutor
 from hospital_fl.models.cxr import CXRClassifier, ModelConfig
 from hospital_fl.training.config import TrainConfig
 
-__all__ = ["JobSpec", "spec_to_json", "ALGORITHMS", "STANDARD_JOBS", "build_recipe", "export_job", "read_job_folder", "export_standard_jobs"]
+__all__ = [
+    "JobSpec",
+    "spec_to_json",
+    "ALGORITHMS",
+    "STANDARD_JOBS",
+    "build_recipe",
+    "export_job",
+    "read_job_folder",
+    "export_standard_jobs",
+]
 
 ALGORITHMS = ("fedavg", "fedprox")
 # The executor ignores this: sites run CXRTrainExecutor, not a script (see _InstalledSiteCode).
@@ -54,8 +63,12 @@ class JobSpec:
         if self.num_rounds < 1:
             raise InputError("num_rounds", self.num_rounds, "it must be >= 1", "use --rounds 1 or more")
         if not 0.05 <= self.task_request_interval <= 60:
-            raise InputError("task_request_interval", self.task_request_interval, "it must lie in 0.05..60 seconds",
-                             "use 0.25, or FLARE's default 2")
+            raise InputError(
+                "task_request_interval",
+                self.task_request_interval,
+                "it must lie in 0.05..60 seconds",
+                "use 0.25, or FLARE's default 2",
+            )
         if self.algorithm == "fedprox" and not self.fedprox_mu > 0:
             raise InputError("fedprox_mu", self.fedprox_mu, "FedProx needs mu > 0", "use e.g. --mu 0.01, or fedavg")
 
@@ -65,8 +78,14 @@ class JobSpec:
 
     @classmethod
     def from_json(cls, data: dict) -> "JobSpec":
-        return cls(**{**data, "split": SplitConfig(**data["split"]), "model": ModelConfig(**data["model"]),
-                      "train": TrainConfig(**data["train"])})
+        return cls(
+            **{
+                **data,
+                "split": SplitConfig(**data["split"]),
+                "model": ModelConfig(**data["model"]),
+                "train": TrainConfig(**data["train"]),
+            }
+        )
 
     def executor_args(self) -> dict:
         return {
@@ -154,15 +173,23 @@ def read_job_folder(job_dir: str | Path) -> JobSpec:
     needed = [job_dir / "meta.json", config / "config_fed_client.json", config / "config_fed_server.json"]
     if not all(p.is_file() for p in needed):
         raise InputError(
-            "job folder", str(job_dir), "it must be a FLARE job folder holding meta.json and "
+            "job folder",
+            str(job_dir),
+            "it must be a FLARE job folder holding meta.json and "
             "app/config/config_fed_client.json and config_fed_server.json",
             "pass one of the exported folders, e.g. jobs/cxr_fedavg (regenerate with `hospital-fl export-jobs`)",
         )
     client, server = (json.loads(p.read_text()) for p in needed[1:])
-    executors = [e["executor"] for e in client.get("executors", []) if e["executor"]["path"].endswith(".CXRTrainExecutor")]
+    executors = [
+        e["executor"] for e in client.get("executors", []) if e["executor"]["path"].endswith(".CXRTrainExecutor")
+    ]
     if not executors:
-        raise InputError("job folder", str(job_dir), "its sites must run hospital_fl.flare.executor.CXRTrainExecutor",
-                         "pass a CXR job such as jobs/cxr_fedavg")
+        raise InputError(
+            "job folder",
+            str(job_dir),
+            "its sites must run hospital_fl.flare.executor.CXRTrainExecutor",
+            "pass a CXR job such as jobs/cxr_fedavg",
+        )
     args, controller = executors[0]["args"], server["workflows"][0]["args"]
     mu = controller.get("fedprox_mu")
     return JobSpec(

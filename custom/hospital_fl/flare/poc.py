@@ -15,6 +15,7 @@ import io
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -141,7 +142,9 @@ def check_ports_free(ports: list[int]) -> None:
     for port in ports:
         if _port_in_use(port):
             raise InputError(
-                "POC server port", port, "another process is listening on it, so the FLARE server cannot start",
+                "POC server port",
+                port,
+                "another process is listening on it, so the FLARE server cannot start",
                 f"stop that process (find it with `ss -ltnp 'sport = :{port}'`; an earlier POC system stops with "
                 "`nvflare poc stop`), or use another port (run_in_poc's port argument)",
             )
@@ -205,7 +208,11 @@ def _start(system: PocSystem, procs: list[subprocess.Popen]) -> None:
             procs.append(
                 subprocess.Popen(
                     ["bash", str(kit / "startup" / "sub_start.sh")],
-                    cwd=kit, env=env, stdin=subprocess.DEVNULL, stdout=console, stderr=subprocess.STDOUT,
+                    cwd=kit,
+                    env=env,
+                    stdin=subprocess.DEVNULL,
+                    stdout=console,
+                    stderr=subprocess.STDOUT,
                     # A session of its own: a terminal Ctrl-C reaches only us, and our cleanup then
                     # shuts the system down in order instead of each process dying on its own.
                     start_new_session=True,
@@ -310,7 +317,8 @@ def _stop(system: PocSystem, procs: list[subprocess.Popen]) -> list[int]:
             break
         log.warning(
             "sending %s to leftover POC processes: %s",
-            sig.name, ", ".join([_describe(p) for p in leftovers] + [f"group {g}" for g in live_groups]),
+            sig.name,
+            ", ".join([_describe(p) for p in leftovers] + [f"group {g}" for g in live_groups]),
         )
         for pgid in live_groups:
             with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -408,13 +416,20 @@ def run_in_poc(
             log.info("POC server and %d clients up in %.1fs", len(system.clients), time.monotonic() - tick)
 
             with tempfile.TemporaryDirectory() as jobs_dir:
-                folder = Path(job_dir) if job_dir is not None else export_job(spec, jobs_dir)
+                if job_dir is None:
+                    folder = export_job(spec, jobs_dir)
+                else:
+                    # The admin client signs a job by writing files into the folder it submits:
+                    # submit a copy, so the user's folder (e.g. a checked-in jobs/) stays as it was.
+                    folder = Path(shutil.copytree(job_dir, Path(jobs_dir) / Path(job_dir).name))
                 start = time.perf_counter()
                 job_id = session.submit_job(str(folder.resolve()))
             log.info("submitted job %s", job_id)
             with RoundWatcher(system.kit(system.server) / job_id, report):
                 code, meta = session.monitor_job_and_return_job_meta(
-                    job_id, timeout=timeout_s, poll_interval=POLL_S,
+                    job_id,
+                    timeout=timeout_s,
+                    poll_interval=POLL_S,
                     cb=still_running,
                 )
             wall = time.perf_counter() - start
@@ -443,8 +458,11 @@ def run_in_poc(
                 with contextlib.suppress(Exception):
                     session.close()
             # A second Ctrl-C or SIGTERM must not cut the shutdown short.
-            previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)} \
-                if threading.current_thread() is threading.main_thread() else {}
+            previous = (
+                {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+                if threading.current_thread() is threading.main_thread()
+                else {}
+            )
             try:
                 survivors = _stop(system, procs)
             finally:

@@ -77,8 +77,12 @@ def run_in_simulator(
         shutil.rmtree(job_ws)
     allow_bundle_components(job_ws / "local")
     names = site_names(spec.num_sites)
-    env = SimEnv(clients=names, num_threads=len(names), workspace_root=str(workspace_root),
-                 log_config=str(quiet_console_log_config(workspace_root / f"{spec.name}.log_config.json")))
+    env = SimEnv(
+        clients=names,
+        num_threads=len(names),
+        workspace_root=str(workspace_root),
+        log_config=str(quiet_console_log_config(workspace_root / f"{spec.name}.log_config.json")),
+    )
     recipe = build_recipe(spec)
     start = time.perf_counter()
     # FLARE kills the simulator's processes on KeyboardInterrupt; SIGTERM is made one too.

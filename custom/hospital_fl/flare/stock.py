@@ -38,8 +38,12 @@ def run_stock_fedavg(spec: JobSpec, workspace_root: Path) -> float:
         train_args=f"--spec-file {spec_file}",
     )
     names = site_names(spec.num_sites)
-    env = SimEnv(clients=names, num_threads=len(names), workspace_root=str(workspace_root),
-                 log_config=str(quiet_console_log_config(workspace_root / f"{name}.log_config.json")))
+    env = SimEnv(
+        clients=names,
+        num_threads=len(names),
+        workspace_root=str(workspace_root),
+        log_config=str(quiet_console_log_config(workspace_root / f"{name}.log_config.json")),
+    )
     start = time.perf_counter()
     recipe.run(env)
     return time.perf_counter() - start

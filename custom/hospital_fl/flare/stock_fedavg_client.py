@@ -30,12 +30,23 @@ def main() -> None:
     while flare.is_running():
         received = flare.receive()
         mu = float((received.meta or {}).get("fedprox_mu") or 0.0)
-        outcome = run_site_round(site, received.params, received.current_round or 0, received.total_rounds or 1,
-                                 spec.train, spec.model, fedprox_mu=mu)
+        outcome = run_site_round(
+            site,
+            received.params,
+            received.current_round or 0,
+            received.total_rounds or 1,
+            spec.train,
+            spec.model,
+            fedprox_mu=mu,
+        )
         # the stock PyTorch exchange carries torch tensors
-        flare.send(FLModel(params={k: torch.as_tensor(v) for k, v in outcome.weights.items()},
-                           metrics=outcome.metrics,
-                           meta={"NUM_STEPS_CURRENT_ROUND": outcome.n_samples, "train_seconds": outcome.train_seconds}))
+        flare.send(
+            FLModel(
+                params={k: torch.as_tensor(v) for k, v in outcome.weights.items()},
+                metrics=outcome.metrics,
+                meta={"NUM_STEPS_CURRENT_ROUND": outcome.n_samples, "train_seconds": outcome.train_seconds},
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -21,8 +21,20 @@ from hospital_fl.errors import InputError
 __all__ = ["CHESTXRAY14_FINDINGS", "CXRClassifier", "ModelConfig", "build_cxr_model", "num_outputs"]
 
 CHESTXRAY14_FINDINGS = (
-    "Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule", "Pneumonia",
-    "Pneumothorax", "Consolidation", "Edema", "Emphysema", "Fibrosis", "Pleural_Thickening", "Hernia",
+    "Atelectasis",
+    "Cardiomegaly",
+    "Effusion",
+    "Infiltration",
+    "Mass",
+    "Nodule",
+    "Pneumonia",
+    "Pneumothorax",
+    "Consolidation",
+    "Edema",
+    "Emphysema",
+    "Fibrosis",
+    "Pleural_Thickening",
+    "Hernia",
 )
 _TASK_OUTPUTS = {"pneumonia": 1, "chestxray14": len(CHESTXRAY14_FINDINGS)}
 _ARCHS = ("compact", "densenet121")
@@ -38,9 +50,13 @@ class ModelConfig:
         if self.arch not in _ARCHS:
             raise InputError("arch", self.arch, f"it must be one of {_ARCHS}", "use --arch compact or densenet121")
         if self.task not in _TASK_OUTPUTS:
-            raise InputError("task", self.task, f"it must be one of {tuple(_TASK_OUTPUTS)}", "use pneumonia or chestxray14")
+            raise InputError(
+                "task", self.task, f"it must be one of {tuple(_TASK_OUTPUTS)}", "use pneumonia or chestxray14"
+            )
         if self.image_size < 16:
-            raise InputError("image_size", self.image_size, "it must be >= 16 pixels", "use 28 (compact) or 224 (densenet121)")
+            raise InputError(
+                "image_size", self.image_size, "it must be >= 16 pixels", "use 28 (compact) or 224 (densenet121)"
+            )
 
 
 def num_outputs(task: str) -> int:

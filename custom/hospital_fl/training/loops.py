@@ -12,7 +12,17 @@ from monai.transforms import RandAffine, Resize, ScaleIntensityRange
 
 from hospital_fl.training.config import TrainConfig
 
-__all__ = ["TrainResult", "resolve_device", "to_tensor", "fit_to_model", "train_local", "predict_proba", "get_weights", "set_weights", "scheduled_lr"]
+__all__ = [
+    "TrainResult",
+    "resolve_device",
+    "to_tensor",
+    "fit_to_model",
+    "train_local",
+    "predict_proba",
+    "get_weights",
+    "set_weights",
+    "scheduled_lr",
+]
 
 _SCALE = ScaleIntensityRange(a_min=0.0, a_max=255.0, b_min=-1.0, b_max=1.0, clip=True)
 
@@ -130,7 +140,7 @@ def train_local(
             for group in optimizer.param_groups:
                 group["lr"] = scheduled_lr(cfg, seen / total)
             seen += cfg.batch_size
-            idx = order[i:i + cfg.batch_size]
+            idx = order[i : i + cfg.batch_size]
             if len(idx) < 2:
                 continue
             xb = fit_to_model(x[idx], model)
@@ -150,18 +160,25 @@ def train_local(
             scaler.update()
             losses.append(float(loss.detach()))
     model.cpu()
-    return TrainResult(steps=len(losses), mean_loss=float(np.mean(losses)) if losses else float("nan"),
-                       seconds=time.perf_counter() - start)
+    return TrainResult(
+        steps=len(losses),
+        mean_loss=float(np.mean(losses)) if losses else float("nan"),
+        seconds=time.perf_counter() - start,
+    )
 
 
 @torch.no_grad()
-def predict_proba(model: torch.nn.Module, images: np.ndarray, device: str = "auto", batch_size: int = 512) -> np.ndarray:
+def predict_proba(
+    model: torch.nn.Module, images: np.ndarray, device: str = "auto", batch_size: int = 512
+) -> np.ndarray:
     """Sigmoid probabilities, (N,) for one output or (N, K) for several."""
     dev = resolve_device(device)
     model.to(dev).eval()
     x = to_tensor(images)
-    out = [torch.sigmoid(model(fit_to_model(x[i:i + batch_size], model).to(dev)).float()).cpu()
-           for i in range(0, len(x), batch_size)]
+    out = [
+        torch.sigmoid(model(fit_to_model(x[i : i + batch_size], model).to(dev)).float()).cpu()
+        for i in range(0, len(x), batch_size)
+    ]
     model.cpu()
     probs = torch.cat(out).numpy()
     return probs[:, 0] if probs.shape[1] == 1 else probs

@@ -48,7 +48,12 @@ def binary_metrics(probs: np.ndarray, labels: np.ndarray, threshold: float = 0.5
     # per-sample matrices summed over the batch: one (tp, fp, tn, fn) for the positive class
     cm = get_confusion_matrix(y_pred, y, include_background=False).sum(dim=0)
     out = {"auc": roc_auc(probs, labels)}
-    for key, name in (("accuracy", "accuracy"), ("sensitivity", "sensitivity"), ("specificity", "specificity"), ("f1", "f1 score")):
+    for key, name in (
+        ("accuracy", "accuracy"),
+        ("sensitivity", "sensitivity"),
+        ("specificity", "specificity"),
+        ("f1", "f1 score"),
+    ):
         out[key] = float(compute_confusion_matrix_metric(name, cm).reshape(-1)[0])
     return out
 

@@ -10,7 +10,6 @@ import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from hospital_fl.data.federated import SiteData
 from hospital_fl.models.cxr import ModelConfig, build_cxr_model
@@ -48,8 +47,14 @@ def run_site_round(
     cfg = dataclasses.replace(train_cfg, seed=train_cfg.seed * 1000 + round_index)
     anchor = {k: v.detach().clone() for k, v in model.named_parameters()} if fedprox_mu > 0 else None
     result = train_local(
-        model, site.train.images, site.train.labels, cfg, anchor=anchor, fedprox_mu=fedprox_mu,
-        epoch_offset=round_index * cfg.epochs, total_epochs=total_rounds * cfg.epochs,
+        model,
+        site.train.images,
+        site.train.labels,
+        cfg,
+        anchor=anchor,
+        fedprox_mu=fedprox_mu,
+        epoch_offset=round_index * cfg.epochs,
+        total_epochs=total_rounds * cfg.epochs,
     )
     metrics["train_loss"] = result.mean_loss
     return RoundOutcome(get_weights(model), metrics, len(site.train), result.seconds)
