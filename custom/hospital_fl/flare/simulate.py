@@ -20,7 +20,7 @@ from hospital_fl.flare.jobs import JobSpec, build_recipe
 from hospital_fl.flare.progress import RoundWatcher
 from hospital_fl.flare.site_policy import allow_bundle_components
 
-__all__ = ["FederatedRun", "run_in_simulator", "read_job_result"]
+__all__ = ["FederatedRun", "run_in_simulator", "read_job_result", "simulator_env"]
 
 GLOBAL_MODEL_FILE = "FL_global_model.pt"
 
@@ -59,6 +59,20 @@ def read_job_result(result_dir: str | Path, wall_seconds: float) -> FederatedRun
     return FederatedRun(result_dir, models[0], json.loads(histories[0].read_text()), wall_seconds)
 
 
+def simulator_env(workspace_root: Path, job_name: str, num_sites: int) -> SimEnv:
+    """A simulator with every site as its own client process, a fresh workspace for
+    ``job_name`` and a quiet console."""
+    if (workspace_root / job_name).exists():
+        shutil.rmtree(workspace_root / job_name)
+    names = site_names(num_sites)
+    return SimEnv(
+        clients=names,
+        num_threads=len(names),
+        workspace_root=str(workspace_root),
+        log_config=str(quiet_console_log_config(workspace_root / f"{job_name}.log_config.json")),
+    )
+
+
 def run_in_simulator(
     spec: JobSpec,
     workspace_root: str | Path,
@@ -73,16 +87,8 @@ def run_in_simulator(
     """
     workspace_root = Path(workspace_root).resolve()
     job_ws = workspace_root / spec.name
-    if job_ws.exists():
-        shutil.rmtree(job_ws)
+    env = simulator_env(workspace_root, spec.name, spec.num_sites)
     allow_bundle_components(job_ws / "local")
-    names = site_names(spec.num_sites)
-    env = SimEnv(
-        clients=names,
-        num_threads=len(names),
-        workspace_root=str(workspace_root),
-        log_config=str(quiet_console_log_config(workspace_root / f"{spec.name}.log_config.json")),
-    )
     recipe = build_recipe(spec)
     start = time.perf_counter()
     # FLARE kills the simulator's processes on KeyboardInterrupt; SIGTERM is made one too.

@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from pathlib import Path
 
 from nvflare.app_opt.pt.recipes.fedavg import FedAvgRecipe
-from nvflare.recipe.sim_env import SimEnv
 
-from hospital_fl.data.splits import site_names
 from hospital_fl.flare import stock_fedavg_client
 from hospital_fl.flare.jobs import JobSpec, spec_to_json
-from hospital_fl.flare.simulate import quiet_console_log_config
+from hospital_fl.flare.simulate import simulator_env
 from hospital_fl.models.cxr import CXRClassifier
 
 __all__ = ["run_stock_fedavg"]
@@ -26,8 +23,7 @@ def run_stock_fedavg(spec: JobSpec, workspace_root: Path) -> float:
     spec_file = workspace_root / f"{name}.spec.json"
     spec_file.parent.mkdir(parents=True, exist_ok=True)
     spec_file.write_text(json.dumps(spec_to_json(spec)))
-    if (workspace_root / name).exists():
-        shutil.rmtree(workspace_root / name)
+    env = simulator_env(workspace_root, name, spec.num_sites)
     recipe = FedAvgRecipe(
         name=name,
         model=CXRClassifier(spec.model.arch, spec.model.task, spec.model.image_size),
@@ -36,13 +32,6 @@ def run_stock_fedavg(spec: JobSpec, workspace_root: Path) -> float:
         train_script=stock_fedavg_client.__file__,
         # FLARE splits train_args on whitespace, so the spec travels as a file
         train_args=f"--spec-file {spec_file}",
-    )
-    names = site_names(spec.num_sites)
-    env = SimEnv(
-        clients=names,
-        num_threads=len(names),
-        workspace_root=str(workspace_root),
-        log_config=str(quiet_console_log_config(workspace_root / f"{name}.log_config.json")),
     )
     start = time.perf_counter()
     recipe.run(env)
