@@ -2,8 +2,9 @@
 
 Prints JSON; run with ``hospital-fl bench`` (defaults: the demo settings, seeds 0 1 2).
 Figures are means over seeds, with the per-seed values beside them. The FLARE overhead
-is measured two ways: wall / seconds clients spent training (what the report shows), and
-wall / the same rounds of the same training run in one process without FLARE.
+is measured two ways: wall / the slowest site's training per round, summed (the report's
+overhead_ratio), and wall / the same rounds of the same training run in one process
+without FLARE.
 """
 
 from __future__ import annotations

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import logging
 import os
 import shutil
@@ -54,7 +53,6 @@ __all__ = [
     "DEFAULT_PORT",
     "PocSystem",
     "poc_project",
-    "server_ports",
     "check_ports_free",
     "poc_processes",
     "run_in_poc",
@@ -111,18 +109,6 @@ def poc_project(num_sites: int, port: int = DEFAULT_PORT) -> dict:
         if participant["type"] == "server":
             participant["fed_learn_port"] = port  # the admin port follows it
     return project
-
-
-def server_ports(server_kit: str | Path) -> list[int]:
-    """The TCP ports a prepared server will listen on, read from its fed_server.json."""
-    config = json.loads((Path(server_kit) / "startup" / "fed_server.json").read_text())
-    ports: list[int] = []
-    for server in config["servers"]:
-        target = server.get("service", {}).get("target", "")
-        for port in (target.rpartition(":")[2], server.get("admin_port")):
-            if port not in (None, "") and int(port) not in ports:
-                ports.append(int(port))
-    return ports
 
 
 def _port_in_use(port: int) -> bool:
@@ -404,7 +390,6 @@ def run_in_poc(
     for name in system.participants:
         allow_bundle_components(system.kit(name) / "local")
     log.info("POC prepared in %.1fs at %s", time.monotonic() - tick, system.workspace)
-    check_ports_free(server_ports(system.kit(system.server)))
 
     procs: list[subprocess.Popen] = []
     session: Session | None = None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from dataclasses import dataclass
@@ -47,6 +48,11 @@ def to_tensor(images: np.ndarray) -> torch.Tensor:
     return torch.as_tensor(_SCALE(images[:, None].astype(np.float32))).float()
 
 
+@functools.lru_cache(maxsize=4)
+def _resizer(size: int) -> Resize:
+    return Resize((size, size), mode="bilinear")
+
+
 def fit_to_model(batch: torch.Tensor, model: torch.nn.Module) -> torch.Tensor:
     """Resize a (B, 1, H, W) batch to the square input the model expects (its
     ``image_size``), e.g. 28x28 images for the 224x224 DenseNet-121; per batch, so a
@@ -54,7 +60,7 @@ def fit_to_model(batch: torch.Tensor, model: torch.nn.Module) -> torch.Tensor:
     size = getattr(model, "image_size", None)
     if size is None or tuple(batch.shape[-2:]) == (size, size):
         return batch
-    return torch.as_tensor(Resize((size, size), mode="bilinear")(batch[:, 0])).unsqueeze(1)
+    return torch.as_tensor(_resizer(size)(batch[:, 0])).unsqueeze(1)
 
 
 def get_weights(model: torch.nn.Module) -> dict[str, np.ndarray]:
