@@ -3,9 +3,8 @@ reason while the round still aggregates the good ones."""
 
 import numpy as np
 import pytest
-from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
-
 from hospital_fl.flare.aggregator import SampleWeightedAggregator
+from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 
 pytestmark = pytest.mark.integration
 

@@ -2,17 +2,16 @@
 
 import numpy as np
 import pytest
+from hospital_fl.errors import InputError
+from hospital_fl.flare.executor import CXRTrainExecutor
+from hospital_fl.models.cxr import build_cxr_model
+from hospital_fl.training.loops import get_weights
 from nvflare.apis.fl_constant import FLMetaKey, ReservedKey, ReturnCode
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import Shareable
 from nvflare.apis.signal import Signal
 from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 from nvflare.app_common.utils.fl_model_utils import FLModelUtils
-
-from hospital_fl.errors import InputError
-from hospital_fl.flare.executor import CXRTrainExecutor
-from hospital_fl.models.cxr import build_cxr_model
-from hospital_fl.training.loops import get_weights
 
 pytestmark = pytest.mark.integration
 

@@ -8,7 +8,6 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-
 from hospital_fl.data.splits import SplitConfig
 from hospital_fl.errors import InputError
 from hospital_fl.flare.jobs import JobSpec

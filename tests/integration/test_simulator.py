@@ -4,7 +4,6 @@ import json
 
 import pytest
 import torch
-
 from hospital_fl.data.splits import SplitConfig
 from hospital_fl.demo import OUTPUT_FILES, DemoConfig, run_demo
 from hospital_fl.flare.jobs import JobSpec

@@ -1,6 +1,5 @@
 import numpy as np
 import pytest
-
 from hospital_fl.aggregation.weighted import update_problem, weighted_mean
 
 

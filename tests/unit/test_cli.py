@@ -1,5 +1,4 @@
 import pytest
-
 from hospital_fl.cli import main
 
 

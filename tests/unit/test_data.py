@@ -1,6 +1,5 @@
 import numpy as np
 import pytest
-
 from hospital_fl.data.pneumoniamnist import embedded_path, load_pneumoniamnist
 from hospital_fl.data.splits import SplitConfig, dirichlet_site_split
 from hospital_fl.errors import InputError

@@ -7,10 +7,9 @@ import json
 from pathlib import Path
 
 import pytest
-
+from hospital_fl.errors import InputError
 from hospital_fl.flare.jobs import STANDARD_JOBS, JobSpec, export_standard_jobs, read_job_folder
 from hospital_fl.flare.site_policy import allow_bundle_components, is_allowed
-from hospital_fl.errors import InputError
 
 JOBS = Path(__file__).resolve().parents[2] / "jobs"
 

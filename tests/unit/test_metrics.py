@@ -1,6 +1,5 @@
 import numpy as np
 import pytest
-
 from hospital_fl.training.metrics import binary_metrics, bootstrap_auc_ci, rank_auc, roc_auc, roc_curve
 
 

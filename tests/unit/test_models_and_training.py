@@ -3,7 +3,6 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
-
 from hospital_fl.errors import InputError
 from hospital_fl.models.cxr import ModelConfig, build_cxr_model
 from hospital_fl.training.config import TrainConfig

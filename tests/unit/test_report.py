@@ -1,5 +1,4 @@
 import numpy as np
-
 from hospital_fl.evaluation.report import build_report, outlier_sites, render_markdown, round_curve
 from hospital_fl.evaluation.scoring import ModelScores
 

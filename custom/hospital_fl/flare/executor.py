@@ -1,5 +1,9 @@
 """FLARE Executor that runs one CXR training round at a hospital.
 
+With a DP mechanism the executor opens the site's privacy gate when the job starts
+(policy and budget checked before anything trains; a refused job panics this site's run
+with the reason), and records each round's releases in the site's ledger.
+
 The executor ships with the installed package and is named by path in the job config, so a
 job folder carries no code (no BYOC permission needed at hospitals). All maths lives in
 hospital_fl.training.site_round; this class only converts FLARE messages to plain data.
@@ -8,6 +12,7 @@ hospital_fl.training.site_round; this class only converts FLARE messages to plai
 from __future__ import annotations
 
 import torch
+from nvflare.apis.event_type import EventType
 from nvflare.apis.executor import Executor
 from nvflare.apis.fl_constant import FLMetaKey, ReturnCode
 from nvflare.apis.fl_context import FLContext
@@ -19,7 +24,11 @@ from nvflare.app_common.utils.fl_model_utils import FLModelUtils
 
 from hospital_fl.data.federated import FederatedDataset, load_federated
 from hospital_fl.data.splits import SplitConfig
+from hospital_fl.errors import InputError
+from hospital_fl.flare.privacy_gate import SitePrivacyGate, open_gate
 from hospital_fl.models.cxr import ModelConfig
+from hospital_fl.privacy.config import DPConfig
+from hospital_fl.privacy.site import SitePrivacy
 from hospital_fl.training.config import TrainConfig
 from hospital_fl.training.site_round import run_site_round
 
@@ -40,6 +49,9 @@ class CXRTrainExecutor(Executor):
         model: ModelConfig fields (must match the server's initial model).
         train: TrainConfig fields (local epochs per round, optimiser, device, AMP).
         data_path: a MedMNIST-layout .npz instead of the embedded dataset.
+        privacy: DPConfig fields (mechanism "none" by default).
+        num_rounds: the job's rounds, which a DP job's noise and planned spend cover; a
+            task announcing more rounds is refused.
     """
 
     def __init__(
@@ -48,28 +60,83 @@ class CXRTrainExecutor(Executor):
         model: dict | None = None,
         train: dict | None = None,
         data_path: str | None = None,
+        privacy: dict | None = None,
+        num_rounds: int | None = None,
     ):
         super().__init__()
         # Kept under the argument names: FLARE's job export reads them back into the config.
-        self._split, self._model, self._train = split, model, train
+        self._split, self._model, self._train, self._privacy = split, model, train, privacy
         # Validate at construction: a bad setting fails the job start, not round 1.
         self.split_cfg = SplitConfig(**(split or {}))
         self.model_cfg = ModelConfig(**(model or {}))
         self.train_cfg = TrainConfig(**(train or {}))
+        self.dp_cfg = DPConfig(**(privacy or {}))
+        if self.dp_cfg.enabled and not (isinstance(num_rounds, int) and num_rounds >= 1):
+            raise InputError("num_rounds", num_rounds, "a DP job must declare its rounds", "export the job again")
         self.data_path = data_path
+        self.num_rounds = num_rounds
         self._data: FederatedDataset | None = None
+        self._site_privacy: SitePrivacy | None = None
+        self._gate: SitePrivacyGate | None = None
+        self._refusal: str | None = None
 
-    _always_serialize_args = ("split", "model", "train")
+    _always_serialize_args = ("split", "model", "train", "privacy", "num_rounds")
 
-    def execute(self, task_name: str, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
-        if task_name != TRAIN_TASK:
-            return make_reply(ReturnCode.TASK_UNKNOWN)
+    def _site_data(self, fl_ctx: FLContext):
         if self._data is None:
             if self.train_cfg.torch_threads:
                 torch.set_num_threads(self.train_cfg.torch_threads)
             self._data = load_federated(self.split_cfg, self.data_path)
-        site = self._data.site(fl_ctx.get_identity_name())
+        return self._data.site(fl_ctx.get_identity_name())
+
+    def handle_event(self, event_type: str, fl_ctx: FLContext) -> None:
+        if event_type == EventType.START_RUN:
+            self._open_privacy_gate(fl_ctx)
+
+    def _open_privacy_gate(self, fl_ctx: FLContext) -> None:
+        """Before any training: the site's policy must allow the job and its budget cover it."""
+        try:
+            if self.dp_cfg.at_site or self.dp_cfg.mechanism == "client-central":
+                site = self._site_data(fl_ctx)
+                self._site_privacy = SitePrivacy(
+                    self.dp_cfg,
+                    self.model_cfg,
+                    self.train_cfg,
+                    len(site.train),
+                    self.num_rounds,
+                    site.name,
+                    seed=self.train_cfg.seed,
+                )
+            self._gate = open_gate(fl_ctx, self.dp_cfg, self._site_privacy)
+        except (InputError, ValueError) as err:
+            self._refusal = f"privacy gate refused this job at {fl_ctx.get_identity_name()}: {err}"
+            self.log_error(fl_ctx, self._refusal)
+            self.system_panic(self._refusal, fl_ctx)
+            return
+        if self._gate.budget is not None:
+            b = self._gate.budget
+            self.log_info(
+                fl_ctx,
+                f"privacy: {self.dp_cfg.mechanism} job plans epsilon {b.job_epsilon:.3f}; site lifetime spend "
+                f"{b.spent_before:.3f} -> {b.spent_after:.3f} of {b.lifetime_epsilon} (delta {self._gate.policy.delta})",
+            )
+
+    def execute(self, task_name: str, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
+        if task_name != TRAIN_TASK:
+            return make_reply(ReturnCode.TASK_UNKNOWN)
+        if self._gate is None and self._refusal is None:  # START_RUN not seen (e.g. a unit harness)
+            self._open_privacy_gate(fl_ctx)
+        if self._refusal is not None:
+            return make_reply(ReturnCode.EXECUTION_EXCEPTION)
+        site = self._site_data(fl_ctx)
         received = FLModelUtils.from_shareable(shareable, fl_ctx)
+        if self._site_privacy is not None and (received.total_rounds or 1) > self.num_rounds:
+            self.log_error(
+                fl_ctx,
+                f"privacy: the server announced {received.total_rounds} rounds but the job's DP noise and the "
+                f"budget check cover {self.num_rounds}; refusing to train",
+            )
+            return make_reply(ReturnCode.EXECUTION_EXCEPTION)
         outcome = run_site_round(
             site,
             received.params,
@@ -78,12 +145,18 @@ class CXRTrainExecutor(Executor):
             train_cfg=self.train_cfg,
             model_cfg=self.model_cfg,
             fedprox_mu=float((received.meta or {}).get(AlgorithmConstants.FEDPROX_MU) or 0.0),
+            privacy=self._site_privacy,
         )
+        meta = {}
+        if self._site_privacy is not None:
+            # Recorded before anything is sent: the releases are made once they leave the site.
+            job_epsilon = self._gate.record_round(self._site_privacy)
+            meta["privacy"] = {**self._site_privacy.noise_summary(), "site_epsilon_so_far": job_epsilon}
         if abort_signal.triggered:
             return make_reply(ReturnCode.TASK_ABORTED)
-        self.log_info(fl_ctx, f"round {received.current_round}: {site.name} {outcome.metrics}")
+        self.log_info(fl_ctx, f"round {received.current_round}: {site.name} kept {outcome.local_metrics}")
         reply = FLModel(
-            params_type=ParamsType.FULL,
+            params_type=ParamsType(outcome.params_type),
             params=outcome.weights,
             metrics=outcome.metrics,
             current_round=received.current_round,
@@ -91,6 +164,7 @@ class CXRTrainExecutor(Executor):
                 FLMetaKey.NUM_STEPS_CURRENT_ROUND: outcome.n_samples,
                 "n_samples": outcome.n_samples,
                 "train_seconds": outcome.train_seconds,
+                **meta,
             },
         )
         return FLModelUtils.to_shareable(reply)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
+import os
 import shutil
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from collections.abc import Callable
 from pathlib import Path
 
 from nvflare.fuel.utils.log_utils import default_log_dict
@@ -17,8 +19,10 @@ from hospital_fl.data.splits import site_names
 from hospital_fl.flare.aggregator import HISTORY_FILE
 from hospital_fl.flare.interrupts import sigterm_as_interrupt
 from hospital_fl.flare.jobs import JobSpec, build_recipe
+from hospital_fl.flare.privacy_gate import PRIVACY_HOME_ENV
 from hospital_fl.flare.progress import RoundWatcher
 from hospital_fl.flare.site_policy import allow_bundle_components
+from hospital_fl.privacy.setup import init_site_privacy
 
 __all__ = ["FederatedRun", "run_in_simulator", "read_job_result", "simulator_env"]
 
@@ -59,6 +63,21 @@ def read_job_result(result_dir: str | Path, wall_seconds: float) -> FederatedRun
     return FederatedRun(result_dir, models[0], json.loads(histories[0].read_text()), wall_seconds)
 
 
+@contextlib.contextmanager
+def environment(values: dict[str, str]) -> Iterator[None]:
+    """Set environment variables (inherited by the simulator's processes) for a block."""
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def simulator_env(workspace_root: Path, job_name: str, num_sites: int) -> SimEnv:
     """A simulator with every site as its own client process, a fresh workspace for
     ``job_name`` and a quiet console."""
@@ -89,10 +108,23 @@ def run_in_simulator(
     job_ws = workspace_root / spec.name
     env = simulator_env(workspace_root, spec.name, spec.num_sites)
     allow_bundle_components(job_ws / "local")
+    privacy_env = {}
+    if spec.privacy.enabled:
+        # FLARE recreates simulated sites' workspaces each run, so their ledgers live beside
+        # it (no budget limits: a real site's privacy officer sets those in its kit).
+        home = workspace_root / f"{spec.name}.privacy"
+        shutil.rmtree(home, ignore_errors=True)
+        for site in site_names(spec.num_sites):
+            init_site_privacy(home / site, site)
+        privacy_env = {PRIVACY_HOME_ENV: str(home)}
     recipe = build_recipe(spec)
     start = time.perf_counter()
     # FLARE kills the simulator's processes on KeyboardInterrupt; SIGTERM is made one too.
-    with sigterm_as_interrupt(), RoundWatcher(job_ws / "server", on_round or (lambda k: None)):
+    with (
+        sigterm_as_interrupt(),
+        environment(privacy_env),
+        RoundWatcher(job_ws / "server", on_round or (lambda k: None)),
+    ):
         try:
             recipe.run(env)
         except RuntimeError as err:

@@ -1,18 +1,23 @@
 """One federated round at one hospital, as a pure function of plain data.
 
-Evaluate the received global weights on the site's own validation and test portions
-(what the site reports to the consortium), then continue training from them.
+Evaluate the received global weights on the site's own validation and test portions,
+then continue training from them. Without privacy the site reports those scores and its
+sample count and sends full weights. With a DP mechanism (``privacy``), the scores stay at
+the site (``local_metrics``), only DP-released metrics leave it, and the update is sent
+as a difference to the global weights (noised first for local client-level DP).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 
 from hospital_fl.data.federated import SiteData
 from hospital_fl.models.cxr import ModelConfig, build_cxr_model
+from hospital_fl.privacy.site import SitePrivacy
 from hospital_fl.training.config import TrainConfig
 from hospital_fl.training.loops import get_weights, predict_proba, set_weights, train_local
 from hospital_fl.training.metrics import rank_auc
@@ -22,10 +27,14 @@ __all__ = ["RoundOutcome", "run_site_round"]
 
 @dataclass(frozen=True)
 class RoundOutcome:
+    """What a site sends (weights, metrics, n_samples) and what it keeps (local_metrics)."""
+
     weights: dict[str, np.ndarray]
     metrics: dict[str, float]
     n_samples: int
     train_seconds: float
+    params_type: Literal["FULL", "DIFF"] = "FULL"
+    local_metrics: dict[str, float] = field(default_factory=dict)
 
 
 def run_site_round(
@@ -36,25 +45,37 @@ def run_site_round(
     train_cfg: TrainConfig,
     model_cfg: ModelConfig,
     fedprox_mu: float = 0.0,
+    privacy: SitePrivacy | None = None,
 ) -> RoundOutcome:
     """Score the global model at this site, then train it locally for one round."""
-    model = build_cxr_model(model_cfg)
+    model = privacy.model if privacy else build_cxr_model(model_cfg)
     set_weights(model, global_weights)
-    metrics = {
+    scores = {
         "val_auc": rank_auc(predict_proba(model, site.val.images, train_cfg.device), site.val.labels),
         "test_auc": rank_auc(predict_proba(model, site.test.images, train_cfg.device), site.test.labels),
     }
     cfg = dataclasses.replace(train_cfg, seed=train_cfg.seed * 1000 + round_index)
     anchor = {k: v.detach().clone() for k, v in model.named_parameters()} if fedprox_mu > 0 else None
-    result = train_local(
-        model,
-        site.train.images,
-        site.train.labels,
-        cfg,
-        anchor=anchor,
-        fedprox_mu=fedprox_mu,
-        epoch_offset=round_index * cfg.epochs,
-        total_epochs=total_rounds * cfg.epochs,
+    schedule = dict(epoch_offset=round_index * cfg.epochs, total_epochs=total_rounds * cfg.epochs)
+    if privacy and privacy.dpsgd:
+        result = privacy.dpsgd.train_round(
+            site.train.images, site.train.labels, cfg.seed, anchor=anchor, fedprox_mu=fedprox_mu, **schedule
+        )
+    else:
+        result = train_local(
+            model, site.train.images, site.train.labels, cfg, anchor=anchor, fedprox_mu=fedprox_mu, **schedule
+        )
+    trained = get_weights(model)
+    if privacy is None:
+        metrics = {**scores, "train_loss": result.mean_loss}
+        return RoundOutcome(trained, metrics, len(site.train), result.seconds, "FULL", dict(metrics))
+    released = privacy.released_metrics(site.train.images, site.train.labels)
+    delta = {k: trained[k] - np.asarray(global_weights[k]).astype(trained[k].dtype) for k in trained}
+    return RoundOutcome(
+        weights=privacy.privatize_update(delta),
+        metrics={"train_loss": released["train_loss"], "grad_norm": released["grad_norm"]},
+        n_samples=max(1, int(round(released["n_samples"]))),
+        train_seconds=result.seconds,
+        params_type="DIFF",
+        local_metrics={**scores, "train_loss": result.mean_loss},
     )
-    metrics["train_loss"] = result.mean_loss
-    return RoundOutcome(get_weights(model), metrics, len(site.train), result.seconds)

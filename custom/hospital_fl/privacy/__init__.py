@@ -1,0 +1,1 @@
+"""Differential privacy: configs, Opacus accounting, the per-site ledger and budget policy."""
