@@ -23,6 +23,18 @@ def _add_job_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--arch", default="compact", help="compact (28x28 demo) or densenet121")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
     p.add_argument("--data", default=None, help="a MedMNIST-layout .npz instead of the embedded dataset")
+    p.add_argument(
+        "--dp-epsilon",
+        type=float,
+        default=None,
+        help="train with differential privacy at this epsilon over the whole job (default: no DP)",
+    )
+    p.add_argument(
+        "--dp-mechanism",
+        default="sample",
+        help="sample (DP-SGD, default), client-local or client-central; used with --dp-epsilon",
+    )
+    p.add_argument("--dp-delta", type=float, default=1e-5, help="delta of (epsilon, delta)-DP (default 1e-5)")
 
 
 def _check_device(device: str) -> None:
@@ -36,11 +48,18 @@ def _spec_from_args(args, torch_threads: int = 0):
     from hospital_fl.data.splits import SplitConfig
     from hospital_fl.flare.jobs import JobSpec
     from hospital_fl.models.cxr import ModelConfig
+    from hospital_fl.privacy.config import DPConfig
     from hospital_fl.training.config import TrainConfig
 
     _check_device(args.device)
+    privacy = DPConfig()
+    if args.dp_epsilon is not None:
+        if args.dp_mechanism == "none":
+            raise InputError("--dp-mechanism", "none", "--dp-epsilon needs a DP mechanism", "use sample")
+        privacy = DPConfig(mechanism=args.dp_mechanism, target_epsilon=args.dp_epsilon, delta=args.dp_delta)
     return JobSpec(
-        name=f"cxr_{args.algorithm}",
+        name=f"cxr_{args.algorithm}" + ("_dp" if privacy.enabled else ""),
+        privacy=privacy,
         algorithm=args.algorithm,
         num_rounds=args.rounds,
         fedprox_mu=args.mu,
@@ -110,6 +129,8 @@ def _cmd_allow_components(args) -> int:
 
 
 def _cmd_bench(args) -> int:
+    if args.suite == "privacy":
+        return _bench_privacy(args)
     from hospital_fl.bench import run_benchmark
 
     spec = _spec_from_args(args)
@@ -119,6 +140,72 @@ def _cmd_bench(args) -> int:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(result)
     print(result)
+    return 0
+
+
+def _bench_privacy(args) -> int:
+    import dataclasses
+
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from hospital_fl.bench_privacy import plot_epsilon_auc, run_privacy_benchmark
+
+    spec = _spec_from_args(args)
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=Console(stderr=True)) as progress:
+        result = run_privacy_benchmark(
+            seeds=args.seeds,
+            epsilons=args.epsilons,
+            mechanisms=args.mechanisms,
+            rounds=spec.num_rounds,
+            split=spec.split,
+            model_cfg=spec.model,
+            train_cfg=dataclasses.replace(spec.train, torch_threads=0),
+            dp_template=dataclasses.replace(spec.privacy, delta=args.dp_delta),
+            progress=progress,
+        )
+    out = Path(args.out if args.out != "out/bench.json" else "out/privacy_bench.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+    plot_epsilon_auc(result, out.with_name("epsilon_auc.png"))
+    brief = {k: v for k, v in result.items() if k != "runs"}
+    print(json.dumps(brief) if args.json else json.dumps(brief, indent=2))
+    return 0
+
+
+def _cmd_privacy_init(args) -> int:
+    from hospital_fl.privacy.policy import SitePrivacyPolicy
+    from hospital_fl.privacy.setup import init_site_privacy
+
+    policy = None
+    if args.require_dp or args.job_epsilon or args.lifetime_epsilon:
+        from hospital_fl.privacy.policy import policy_from_dict
+
+        policy = policy_from_dict(
+            {
+                "require_dp": args.require_dp,
+                "max_job_epsilon": args.job_epsilon,
+                "lifetime_epsilon": args.lifetime_epsilon,
+                "delta": args.delta,
+            },
+            "command line",
+        )
+    ledger = init_site_privacy(args.site_home, args.site, policy or SitePrivacyPolicy(delta=args.delta))
+    print(ledger.path)
+    return 0
+
+
+def _cmd_privacy_report(args) -> int:
+    from hospital_fl.privacy.ledger import PrivacyLedger
+    from hospital_fl.privacy.policy import SitePrivacyPolicy, read_site_policy
+
+    home = Path(args.site_home)
+    policy = read_site_policy(home / "local") or SitePrivacyPolicy()
+    summary = PrivacyLedger(policy.ledger_path(home)).summary(policy.delta, policy.accountant)
+    summary["lifetime_budget"] = policy.lifetime_epsilon
+    summary["max_job_epsilon"] = policy.max_job_epsilon
+    print(json.dumps(summary, indent=2))
     return 0
 
 
@@ -147,13 +234,37 @@ def build_parser() -> argparse.ArgumentParser:
     allow.add_argument("local_dir", help="the site's startup-kit local/ folder")
     allow.set_defaults(func=_cmd_allow_components)
 
-    bench = sub.add_parser("bench", help="benchmark federated vs centralized vs local-only; prints JSON")
+    bench = sub.add_parser(
+        "bench",
+        help="benchmarks printing JSON: cxr (federated vs centralized vs local-only, FLARE overhead) "
+        "or privacy (AUC vs epsilon)",
+    )
+    bench.add_argument("suite", nargs="?", default="cxr", choices=["cxr", "privacy"])
     _add_job_options(bench)
+    bench.add_argument("--epsilons", type=float, nargs="+", default=[1.0, 3.0, 8.0], help="privacy suite")
+    bench.add_argument(
+        "--mechanisms", nargs="+", default=["sample", "client-local", "client-central"], help="privacy suite"
+    )
+    bench.add_argument("--json", action="store_true", help="print the summary as one JSON line")
     bench.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     bench.add_argument("--stock", action="store_true", help="also time stock NVFlare FedAvgRecipe on the same work")
     bench.add_argument("--workspace", default="workspace/bench")
     bench.add_argument("--out", default="out/bench.json", help="also write the JSON here (default out/bench.json)")
     bench.set_defaults(func=_cmd_bench)
+
+    privacy = sub.add_parser("privacy", help="a site's privacy policy and ledger")
+    psub = privacy.add_subparsers(dest="privacy_command", required=True)
+    init = psub.add_parser("init", help="create a site's ledger (and policy file) in its workspace or kit")
+    init.add_argument("site_home", help="the site's workspace / startup kit root (holds local/)")
+    init.add_argument("--site", required=True, help="the site name, e.g. site-1")
+    init.add_argument("--require-dp", action="store_true", help="refuse jobs without DP at this site")
+    init.add_argument("--job-epsilon", type=float, default=None, help="most epsilon one job may spend")
+    init.add_argument("--lifetime-epsilon", type=float, default=None, help="most epsilon all jobs may spend")
+    init.add_argument("--delta", type=float, default=1e-5, help="delta of the budgets (default 1e-5)")
+    init.set_defaults(func=_cmd_privacy_init, command="privacy init")
+    report = psub.add_parser("report", help="epsilon spent per job and in total, from the site's ledger")
+    report.add_argument("site_home")
+    report.set_defaults(func=_cmd_privacy_report, command="privacy report")
     return parser
 
 

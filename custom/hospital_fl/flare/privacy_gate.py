@@ -9,6 +9,7 @@ functions in hospital_fl.privacy; this module only finds the files FLARE gives a
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,7 +59,9 @@ def open_gate(fl_ctx: FLContext, dp: DPConfig, privacy: SitePrivacy | None) -> S
     local_dir = home / "local" if os.environ.get(PRIVACY_HOME_ENV) else Path(workspace.get_site_config_dir())
     configured = read_site_policy(local_dir, scope_properties)
     policy = configured or SitePrivacyPolicy()
-    job_id = fl_ctx.get_job_id()
+    # A job's ledger key is its id and start time: FLARE's simulator reuses one job id for
+    # every run, and a restarted site process counting a job twice only over-reports.
+    job_id = f"{fl_ctx.get_job_id()}@{time.strftime('%Y-%m-%dT%H:%M:%S')}"
     if privacy is None:  # no DP in this job: allowed only where the policy does not require it
         check_job_budget(policy, [], dp.mechanism, [])
         return SitePrivacyGate(job_id, policy, None, None)

@@ -96,6 +96,7 @@ def run_in_simulator(
     spec: JobSpec,
     workspace_root: str | Path,
     on_round: Callable[[int], None] | None = None,
+    privacy_home: str | Path | None = None,
 ) -> FederatedRun:
     """Run ``spec`` with every site as a simulated FLARE client; returns its result.
 
@@ -103,20 +104,25 @@ def run_in_simulator(
         spec: the job.
         workspace_root: the simulator workspace goes to ``workspace_root/spec.name`` (replaced).
         on_round: called with the number of finished rounds as the job progresses.
+        privacy_home: where simulated sites keep their privacy policy and ledger
+            (``<privacy_home>/<site>/``), kept across runs; default: a fresh folder per run.
     """
     workspace_root = Path(workspace_root).resolve()
     job_ws = workspace_root / spec.name
     env = simulator_env(workspace_root, spec.name, spec.num_sites)
     allow_bundle_components(job_ws / "local")
-    privacy_env = {}
-    if spec.privacy.enabled:
-        # FLARE recreates simulated sites' workspaces each run, so their ledgers live beside
-        # it (no budget limits: a real site's privacy officer sets those in its kit).
+    # FLARE recreates simulated sites' workspaces each run, so their privacy policies and
+    # ledgers live beside it; a fresh home has no budget limits (a real site's privacy
+    # officer sets those in its kit).
+    if privacy_home is None:
         home = workspace_root / f"{spec.name}.privacy"
         shutil.rmtree(home, ignore_errors=True)
+    else:
+        home = Path(privacy_home).resolve()
+    if spec.privacy.enabled:
         for site in site_names(spec.num_sites):
             init_site_privacy(home / site, site)
-        privacy_env = {PRIVACY_HOME_ENV: str(home)}
+    privacy_env = {PRIVACY_HOME_ENV: str(home)}
     recipe = build_recipe(spec)
     start = time.perf_counter()
     # FLARE kills the simulator's processes on KeyboardInterrupt; SIGTERM is made one too.

@@ -15,7 +15,12 @@ from hospital_fl.privacy.accounting import Release, noise_for_epsilon
 from hospital_fl.privacy.client_dp import privatize_local
 from hospital_fl.privacy.config import DPConfig
 from hospital_fl.privacy.dp_sgd import DPSGDTrainer
-from hospital_fl.privacy.metrics_release import RELEASES_PER_ROUND, release_metrics
+from hospital_fl.privacy.metrics_release import (
+    RELEASES_PER_ROUND,
+    metrics_sample_rate,
+    poisson_sample,
+    release_metrics,
+)
 from hospital_fl.training.config import TrainConfig
 from hospital_fl.training.per_sample import per_record_loss_and_grad_norm
 
@@ -59,8 +64,10 @@ class SitePrivacy:
             if dp.mechanism == "client-local"
             else None
         )
+        self.n_samples = n_samples
+        self.metrics_rate = metrics_sample_rate(n_samples)
         self.metrics_noise = noise_for_epsilon(
-            dp.metrics_epsilon, dp.delta, 1.0, RELEASES_PER_ROUND * total_rounds, dp.accountant
+            dp.metrics_epsilon, dp.delta, self.metrics_rate, RELEASES_PER_ROUND * total_rounds, dp.accountant
         )
 
     def _releases(self, rounds: int) -> dict[str, Release]:
@@ -70,7 +77,7 @@ class SitePrivacy:
             out["sample"] = (noise, rate, self.dpsgd.steps_per_round * rounds)
         if self.client_noise is not None:
             out["client-local"] = (self.client_noise, 1.0, rounds)
-        out["metrics"] = (self.metrics_noise, 1.0, RELEASES_PER_ROUND * rounds)
+        out["metrics"] = (self.metrics_noise, self.metrics_rate, RELEASES_PER_ROUND * rounds)
         return out
 
     def planned_releases(self) -> dict[str, Release]:
@@ -88,6 +95,7 @@ class SitePrivacy:
             "training_noise_multiplier": self.dpsgd.noise_multiplier if self.dpsgd else self.client_noise,
             "sample_rate": self.dpsgd.sample_rate if self.dpsgd else 1.0,
             "metrics_noise_multiplier": self.metrics_noise,
+            "metrics_sample_rate": self.metrics_rate,
         }
 
     def privatize_update(self, delta: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -99,9 +107,11 @@ class SitePrivacy:
         return noisy
 
     def released_metrics(self, images: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-        """Noisy sample count, mean loss and mean gradient norm of the trained model."""
+        """Noisy sample count, mean loss and mean gradient norm of the trained model, from
+        a Poisson sample of the site's records."""
         # A plain copy: the Opacus hooks on the training network do not compose with torch.func.
         probe = build_cxr_model(self.model_cfg)
         probe.load_state_dict(self.model.state_dict())
-        losses, norms = per_record_loss_and_grad_norm(probe, images, labels)
-        return release_metrics(losses, norms, self.metrics_noise, self.rng)
+        idx = poisson_sample(len(images), self.metrics_rate, self.rng)
+        losses, norms = per_record_loss_and_grad_norm(probe, images[idx], labels[idx])
+        return release_metrics(losses, norms, self.metrics_noise, self.rng, self.metrics_rate)

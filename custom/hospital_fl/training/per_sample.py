@@ -15,6 +15,8 @@ def per_record_loss_and_grad_norm(
     model: torch.nn.Module, images: np.ndarray, labels: np.ndarray, batch_size: int = 128
 ) -> tuple[np.ndarray, np.ndarray]:
     """(losses, gradient L2 norms), one per record, in eval mode (no dropout)."""
+    if len(images) == 0:
+        return np.zeros(0), np.zeros(0)
     model = model.cpu().eval()
     params = {k: v.detach() for k, v in model.named_parameters()}
     buffers = {k: v.detach() for k, v in model.named_buffers()}
