@@ -7,8 +7,6 @@ import json
 import numpy as np
 import pytest
 import torch
-from opacus.accountants import PRVAccountant, RDPAccountant
-
 from hospital_fl.data.federated import load_federated
 from hospital_fl.data.splits import SplitConfig
 from hospital_fl.errors import InputError
@@ -33,6 +31,7 @@ from hospital_fl.privacy.site import SitePrivacy
 from hospital_fl.training.config import TrainConfig
 from hospital_fl.training.loops import get_weights
 from hospital_fl.training.site_round import run_site_round
+from opacus.accountants import PRVAccountant, RDPAccountant
 
 
 # -- accounting ---------------------------------------------------------------------------

@@ -88,5 +88,24 @@ def test_report_carries_the_contract_keys_and_ranks_models(federated_data):
     assert report["federated"]["auc_ci95"][0] < report["federated"]["auc"] < report["federated"]["auc_ci95"][1]
     assert {"name", "n_train", "n_test", "positive_fraction", "auc", "auc_local_only"} <= set(report["sites"][0])
     assert report["privacy"] == {s.name: None for s in federated_data.sites}
+    assert report["central_dp"] is None and "privacy: none applied" in render_markdown(report)
     assert any("local test holds only" in f for f in report["flags"])  # site-3 has 43 test images
     assert "| site-1 |" in render_markdown(report)
+
+
+def test_privacy_by_site_reads_each_sites_last_accepted_report():
+    from hospital_fl.evaluation.report import privacy_by_site
+
+    meta = {"mechanism": "sample", "delta": 1e-5, "training_noise_multiplier": 0.9, "sample_rate": 0.1}
+    history = [
+        {"round": 0, "sites": [{"site": "a", "accepted": True, "privacy": {**meta, "site_epsilon_so_far": 2.0}}]},
+        {
+            "round": 1,
+            "sites": [
+                {"site": "a", "accepted": True, "privacy": {**meta, "site_epsilon_so_far": 3.5}},
+                {"site": "b", "accepted": True, "privacy": None},
+            ],
+        },
+    ]
+    out = privacy_by_site(history)
+    assert out["a"]["epsilon"] == 3.5 and out["a"]["mechanism"] == "sample" and out["b"] is None

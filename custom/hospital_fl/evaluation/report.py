@@ -63,6 +63,26 @@ def round_curve(history: list[dict]) -> list[dict]:
     return curve
 
 
+def privacy_by_site(history: list[dict]) -> dict[str, dict | None]:
+    """Each site's DP mechanism and the epsilon it had spent on the job at its last
+    accepted round (from what it reported), or None where the site ran no DP."""
+    out: dict[str, dict | None] = {}
+    for entry in history:
+        for s in entry["sites"]:
+            p = s.get("privacy")
+            if s.get("accepted") and p:
+                out[s["site"]] = {
+                    "mechanism": p["mechanism"],
+                    "epsilon": p["site_epsilon_so_far"],
+                    "delta": p["delta"],
+                    "training_noise_multiplier": p.get("training_noise_multiplier"),
+                    "sample_rate": p.get("sample_rate"),
+                }
+            else:
+                out.setdefault(s["site"], None)
+    return out
+
+
 def build_report(
     *,
     task: str,
@@ -82,6 +102,8 @@ def build_report(
     central = summarize(centralized.held_out, test_labels)
     local_held_out = {name: rank_auc(s.held_out, test_labels) for name, s in local_only.items()}
 
+    site_privacy = privacy_by_site(history)
+    central_dp = next((e["central_dp"] for e in reversed(history) if e.get("central_dp")), None)
     sites, fed_site_aucs = [], {}
     for site in data.sites:
         labels = site.test.labels
@@ -96,6 +118,7 @@ def build_report(
                 "auc_local_only": rank_auc(local_only[site.name].per_site[site.name], labels),
                 "auc_centralized": rank_auc(centralized.per_site[site.name], labels),
                 "auc_local_only_on_held_out": local_held_out[site.name],
+                "privacy": site_privacy.get(site.name),
             }
         )
 
@@ -140,9 +163,23 @@ def build_report(
             # model weights each site uploads per round (fp32); the download is the same size
             "bytes_per_round_per_site": int(np.mean(payloads)) if payloads else 0,
         },
-        "privacy": {s.name: None for s in data.sites},
+        # per site: mechanism, epsilon, delta (None: no DP at that site); the centralized and
+        # local-only comparison models are always trained without DP
+        "privacy": {s.name: site_privacy.get(s.name) for s in data.sites},
+        "central_dp": central_dp,
         "flags": flags,
     }
+
+
+def _privacy_line(privacy: dict, central_dp: dict | None) -> str:
+    sites = {k: v for k, v in privacy.items() if v}
+    if not sites and not central_dp:
+        return "- privacy: none applied in this job (no differential privacy, no encryption)"
+    parts = [f"{k} {v['mechanism']} eps={v['epsilon']:.2f}" for k, v in sites.items()]
+    if central_dp:
+        parts.append(f"server client-central eps={central_dp['epsilon']:.2f}")
+    delta = next(iter(sites.values()))["delta"] if sites else central_dp["delta"]
+    return f"- differential privacy (delta={delta:g}; baselines are non-private): " + "; ".join(parts)
 
 
 def render_markdown(report: dict) -> str:
@@ -183,7 +220,7 @@ def render_markdown(report: dict) -> str:
         f"summed over rounds: {t['critical_path_train_seconds']:.1f} s (all sites together: "
         f"{t['client_train_seconds']:.1f} s); overhead ratio (wall / slowest-site training) {t['overhead_ratio']:.2f}",
         f"- model upload per site per round: {report['communication']['bytes_per_round_per_site'] / 1e6:.2f} MB",
-        "- privacy: none applied in this job (no differential privacy, no encryption)",
+        _privacy_line(report["privacy"], report.get("central_dp")),
         "",
         "## Flags",
         "",

@@ -1,8 +1,8 @@
 """FLARE Executor that runs one CXR training round at a hospital.
 
 With a DP mechanism the executor opens the site's privacy gate when the job starts
-(policy and budget checked before anything trains; a refused job panics this site's run
-with the reason), and records each round's releases in the site's ledger.
+(policy and budget checked before anything trains; a refused job answers every task
+with an error and the reason in the site's log), and records each round's releases in the site's ledger.
 
 The executor ships with the installed package and is named by path in the job config, so a
 job folder carries no code (no BYOC permission needed at hospitals). All maths lives in
@@ -110,8 +110,10 @@ class CXRTrainExecutor(Executor):
             self._gate = open_gate(fl_ctx, self.dp_cfg, self._site_privacy)
         except (InputError, ValueError) as err:
             self._refusal = f"privacy gate refused this job at {fl_ctx.get_identity_name()}: {err}"
+            # Answer every task with an error (not a panic, which would silence this site and
+            # leave the server waiting): the server's controller then ends the job, since
+            # it can no longer reach its minimum number of sites.
             self.log_error(fl_ctx, self._refusal)
-            self.system_panic(self._refusal, fl_ctx)
             return
         if self._gate.budget is not None:
             b = self._gate.budget
