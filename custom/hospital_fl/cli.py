@@ -99,6 +99,13 @@ def _cmd_demo(args) -> int:
         f"[bold]federated AUC {fed['auc']:.3f}[/] (95% CI {fed['auc_ci95'][0]:.3f}-{fed['auc_ci95'][1]:.3f}), "
         f"centralized {cen['auc']:.3f}, best local-only {loc['best_auc']:.3f}, min site {fed['min_site_auc']:.3f}"
     )
+    spent = {k: v for k, v in report["privacy"].items() if v}
+    if spent:
+        console.print(
+            "differential privacy, epsilon spent per site (delta "
+            f"{next(iter(spent.values()))['delta']:g}): "
+            + ", ".join(f"{k} {v['epsilon']:.2f}" for k, v in spent.items())
+        )
     for flag in report["flags"]:
         console.print(f"[yellow]flag:[/] {flag}")
     console.print(f"report: {Path(args.out) / 'report.md'} (json, plots beside it)")

@@ -81,6 +81,9 @@ def run_demo(cfg: DemoConfig, progress=None) -> dict:
     for name in OUTPUT_FILES:  # never leave an old report beside a failed run
         (cfg.out_dir / name).unlink(missing_ok=True)
     data = load_federated(spec.split, spec.data_path)
+    if spec.privacy.enabled:  # refuse a bad delta here, not inside five FLARE processes
+        for site in data.sites:
+            spec.privacy.check_delta_for(len(site.train), f"site {site.name}")
     epochs = spec.num_rounds * spec.train.epochs
     task = (lambda desc, total: progress.add_task(desc, total=total)) if progress else (lambda d, t: None)
     advance = (lambda t, **kw: progress.update(t, **kw)) if progress else (lambda t, **kw: None)
@@ -118,6 +121,7 @@ def run_demo(cfg: DemoConfig, progress=None) -> dict:
             "split": dataclasses.asdict(spec.split),
             "model": dataclasses.asdict(spec.model),
             "train": dataclasses.asdict(spec.train),
+            "privacy": dataclasses.asdict(spec.privacy),
             "flare_result": str(run.result_dir),
         },
     )

@@ -56,3 +56,32 @@ def test_missing_job_folder_is_refused_before_anything_runs(tmp_path, capsys):
     )
     assert "job folder: got" in capsys.readouterr().err
     assert not (tmp_path / "ws").exists()
+
+
+def test_invalid_dp_settings_are_refused_before_flare_starts(tmp_path, capsys):
+    ws = tmp_path / "ws"
+    assert main(["demo", "--dp-epsilon", "0", "--workspace", str(ws)]) == 2
+    assert "privacy.target_epsilon: got 0.0; epsilon must be > 0" in capsys.readouterr().err
+    assert main(["demo", "--dp-epsilon", "8", "--dp-delta", "0.01", "--workspace", str(ws)]) == 2
+    assert "privacy.delta: got 0.01; it must be below 1/n" in capsys.readouterr().err
+    assert main(["demo", "--dp-epsilon", "8", "--dp-mechanism", "svt", "--workspace", str(ws)]) == 2
+    assert "privacy.mechanism" in capsys.readouterr().err
+    assert not ws.exists()
+
+
+def test_privacy_init_and_report_round_trip(tmp_path, capsys):
+    import json
+
+    from hospital_fl.privacy.ledger import PrivacyLedger
+
+    kit = tmp_path / "site-1"
+    assert main(["privacy", "init", str(kit), "--site", "site-1", "--lifetime-epsilon", "20", "--job-epsilon", "8"]) == 0
+    ledger = PrivacyLedger(capsys.readouterr().out.strip())
+    ledger.record("job-1", "sample", 1.0, 0.05, 100)
+    assert main(["privacy", "report", str(kit)]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["lifetime_budget"] == 20 and report["jobs"][0]["job_id"] == "job-1"
+    assert report["lifetime_epsilon"] == ledger.epsilon(1e-5)
+    ledger.path.unlink()
+    assert main(["privacy", "report", str(kit)]) == 2
+    assert "the file is missing" in capsys.readouterr().err
