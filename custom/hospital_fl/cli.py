@@ -233,7 +233,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--workspace", default="workspace", help="FLARE workspace folder (default ./workspace)")
     demo.set_defaults(func=_cmd_demo)
 
-    export = sub.add_parser("export-jobs", help="write the standard job folders (cxr_fedavg, cxr_fedprox)")
+    export = sub.add_parser(
+        "export-jobs", help="write the standard job folders (cxr_fedavg, cxr_fedprox, cxr_fedavg_dp)"
+    )
     export.add_argument("--jobs-dir", default="jobs")
     export.set_defaults(func=_cmd_export_jobs)
 

@@ -75,7 +75,9 @@ def test_privacy_init_and_report_round_trip(tmp_path, capsys):
     from hospital_fl.privacy.ledger import PrivacyLedger
 
     kit = tmp_path / "site-1"
-    assert main(["privacy", "init", str(kit), "--site", "site-1", "--lifetime-epsilon", "20", "--job-epsilon", "8"]) == 0
+    assert (
+        main(["privacy", "init", str(kit), "--site", "site-1", "--lifetime-epsilon", "20", "--job-epsilon", "8"]) == 0
+    )
     ledger = PrivacyLedger(capsys.readouterr().out.strip())
     ledger.record("job-1", "sample", 1.0, 0.05, 100)
     assert main(["privacy", "report", str(kit)]) == 0

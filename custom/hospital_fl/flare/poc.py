@@ -48,6 +48,7 @@ from hospital_fl.flare.jobs import JobSpec, export_job
 from hospital_fl.flare.progress import RoundWatcher
 from hospital_fl.flare.simulate import FederatedRun, read_job_result
 from hospital_fl.flare.site_policy import allow_bundle_components
+from hospital_fl.privacy.setup import init_site_privacy
 
 __all__ = [
     "DEFAULT_PORT",
@@ -389,6 +390,9 @@ def run_in_poc(
     system = _prepare(root / "poc", project)
     for name in system.participants:
         allow_bundle_components(system.kit(name) / "local")
+    if spec.privacy.enabled:  # a fresh POC site starts with an empty ledger in its kit
+        for site in site_names(spec.num_sites):
+            init_site_privacy(system.kit(site), site)
     log.info("POC prepared in %.1fs at %s", time.monotonic() - tick, system.workspace)
 
     procs: list[subprocess.Popen] = []
