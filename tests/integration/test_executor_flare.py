@@ -72,3 +72,15 @@ def test_other_tasks_are_declined_and_unknown_sites_named():
 def test_bad_settings_fail_when_the_job_starts():
     with pytest.raises(InputError, match="epochs: got 0"):
         CXRTrainExecutor(train={"epochs": 0})
+
+
+def test_a_dp_job_without_a_site_workspace_is_refused_not_trained_silently():
+    executor = CXRTrainExecutor(train=FAST, privacy={"mechanism": "sample", "target_epsilon": 8.0}, num_rounds=3)
+    reply = executor.execute("train", _task(get_weights(build_cxr_model())), _ctx("site-3"), Signal())
+    assert reply.get_return_code() == ReturnCode.EXECUTION_EXCEPTION
+    assert "needs the site's FLARE workspace" in executor._refusal
+
+
+def test_a_dp_job_must_declare_its_rounds():
+    with pytest.raises(InputError, match="num_rounds"):
+        CXRTrainExecutor(privacy={"mechanism": "sample"})

@@ -96,7 +96,7 @@ class CXRTrainExecutor(Executor):
     def _open_privacy_gate(self, fl_ctx: FLContext) -> None:
         """Before any training: the site's policy must allow the job and its budget cover it."""
         try:
-            if self.dp_cfg.at_site or self.dp_cfg.mechanism == "client-central":
+            if self.dp_cfg.enabled:  # every DP job releases metrics from this site, at least
                 site = self._site_data(fl_ctx)
                 self._site_privacy = SitePrivacy(
                     self.dp_cfg,

@@ -142,7 +142,9 @@ def build_recipe(spec: JobSpec) -> Recipe:
             central_dp=dataclasses.asdict(spec.privacy) if spec.privacy.mechanism == "client-central" else None,
             num_rounds=spec.num_rounds,
         ),
-        key_metric="val_auc",
+        # Under DP sites send no AUCs; the DP-released training loss selects the best model.
+        key_metric="train_loss" if spec.privacy.enabled else "val_auc",
+        key_metric_mode="min" if spec.privacy.enabled else "max",
     )
     if spec.algorithm == "fedprox":
         recipe = HospitalFedProxRecipe(fedprox_mu=spec.fedprox_mu, **common)

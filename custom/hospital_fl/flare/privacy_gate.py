@@ -16,6 +16,7 @@ from pathlib import Path
 from nvflare.apis.fl_constant import FLContextKey
 from nvflare.apis.fl_context import FLContext
 
+from hospital_fl.errors import InputError
 from hospital_fl.privacy.config import DPConfig
 from hospital_fl.privacy.ledger import PrivacyLedger
 from hospital_fl.privacy.policy import BudgetCheck, SitePrivacyPolicy, check_job_budget, read_site_policy
@@ -53,7 +54,17 @@ class SitePrivacyGate:
 
 def open_gate(fl_ctx: FLContext, dp: DPConfig, privacy: SitePrivacy | None) -> SitePrivacyGate:
     """Check the job against this site's policy and budget; raises InputError to refuse."""
-    workspace = fl_ctx.get_engine().get_workspace()
+    engine = fl_ctx.get_engine()
+    if engine is None:  # a bare FLContext (a test harness): no site workspace, no policy to read
+        if privacy is not None:
+            raise InputError(
+                "site workspace",
+                None,
+                "a DP job needs the site's FLARE workspace to keep its ledger",
+                "run it in FLARE",
+            )
+        return SitePrivacyGate(fl_ctx.get_job_id() or "", SitePrivacyPolicy(), None, None)
+    workspace = engine.get_workspace()
     scope_properties = fl_ctx.get_prop(FLContextKey.SCOPE_PROPERTIES) or {}
     home = privacy_home(workspace.get_root_dir(), fl_ctx.get_identity_name())
     local_dir = home / "local" if os.environ.get(PRIVACY_HOME_ENV) else Path(workspace.get_site_config_dir())
