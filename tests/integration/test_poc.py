@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 from pathlib import Path
 
@@ -71,4 +72,20 @@ def test_port_in_use_is_reported_and_nothing_starts(tmp_path):
 
     assert err.value.value == port
     assert "nvflare poc stop" in err.value.fix
+    assert _processes_under(tmp_path) == []
+
+
+def _require_dp_scope(site: str, kit: Path) -> None:
+    """site-1's privacy officer: every job at this site falls in a scope that requires DP."""
+    if site == "site-1":
+        scope = {"name": "hospital", "properties": {"hospital_fl_privacy": {"require_dp": True}}}
+        (kit / "local" / "privacy.json").write_text(json.dumps({"scopes": [scope], "default_scope": "hospital"}))
+
+
+def test_a_privacy_json_scope_requiring_dp_refuses_a_plain_job(tmp_path):
+    with pytest.raises(RuntimeError, match="ended with status"):
+        run_in_poc(TINY, tmp_path, timeout_s=240, port=_free_port(), site_setup=_require_dp_scope)
+
+    kit_logs = (tmp_path / "poc").rglob("site-1/**/log.txt")
+    assert any("requires differential privacy" in p.read_text() for p in kit_logs)
     assert _processes_under(tmp_path) == []

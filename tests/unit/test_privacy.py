@@ -75,6 +75,8 @@ def test_an_unreachable_budget_is_a_clear_error():
         ({"clip_norm": -1}, "privacy.clip_norm"),
         ({"mechanism": "svt"}, "privacy.mechanism"),
         ({"accountant": "gdp"}, "privacy.accountant"),
+        ({"optimizer": "adam"}, "privacy.optimizer"),
+        ({"learning_rate": 0}, "privacy.learning_rate"),
     ],
 )
 def test_invalid_privacy_settings_raise(kwargs, field):

@@ -345,6 +345,7 @@ def run_in_poc(
     timeout_s: float = 900,
     port: int = DEFAULT_PORT,
     job_dir: str | Path | None = None,
+    site_setup: Callable[[str, Path], None] | None = None,
 ) -> FederatedRun:
     """Run ``spec`` on a FLARE POC system on this machine; returns its result.
 
@@ -360,6 +361,8 @@ def run_in_poc(
         port: the server's port for clients and admins.
         job_dir: submit this job folder (e.g. jobs/cxr_fedavg) as it is; by default
             ``spec`` is exported to a temporary folder and that is submitted.
+        site_setup: called with each client site's name and freshly prepared kit folder
+            before anything starts, e.g. to write a site's local/privacy.json.
 
     Raises:
         InputError: the server port is taken, or ``port``/``timeout_s`` is out of range.
@@ -393,6 +396,9 @@ def run_in_poc(
     if spec.privacy.enabled:  # a fresh POC site starts with an empty ledger in its kit
         for site in site_names(spec.num_sites):
             init_site_privacy(system.kit(site), site)
+    if site_setup is not None:
+        for site in site_names(spec.num_sites):
+            site_setup(site, system.kit(site))
     log.info("POC prepared in %.1fs at %s", time.monotonic() - tick, system.workspace)
 
     procs: list[subprocess.Popen] = []

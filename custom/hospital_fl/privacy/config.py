@@ -44,6 +44,10 @@ class DPConfig:
         metrics_epsilon: separate epsilon for the monitoring metrics a site sends (loss,
             gradient norm, sample count), accounted apart from training.
         accountant: "rdp" or "prv" (Opacus accountants).
+        optimizer / learning_rate / momentum: the DP-SGD optimiser. Default SGD with
+            momentum: Adam rescales every coordinate by its gradient variance, so where the
+            true gradient is small it turns DP noise into full-size steps whatever the noise
+            level; measured on the embedded data, SGD (lr 0.1) kept more AUC.
     """
 
     mechanism: str = "none"
@@ -56,6 +60,9 @@ class DPConfig:
     clip_learning_rate: float = 0.2
     metrics_epsilon: float = 1.0
     accountant: str = "rdp"
+    optimizer: str = "sgd"
+    learning_rate: float = 0.1
+    momentum: float = 0.9
 
     def __post_init__(self):
         checks = [
@@ -68,6 +75,9 @@ class DPConfig:
             ("privacy.target_quantile", 0 < self.target_quantile < 1, "it must lie in (0, 1)", "use 0.5"),
             ("privacy.clip_learning_rate", self.clip_learning_rate > 0, "it must be > 0", "use 0.2"),
             ("privacy.metrics_epsilon", self.metrics_epsilon > 0, "epsilon must be > 0", "use e.g. 1.0"),
+            ("privacy.optimizer", self.optimizer in ("sgd", "adamw"), "it must be sgd or adamw", "use sgd"),
+            ("privacy.learning_rate", 0 < self.learning_rate < 1, "it must lie in (0, 1)", "use 0.1 (sgd)"),
+            ("privacy.momentum", 0 <= self.momentum < 1, "it must lie in [0, 1)", "use 0.9"),
         ]
         for name, ok, rule, fix in checks:
             if not ok:

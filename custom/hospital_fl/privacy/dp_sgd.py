@@ -16,6 +16,7 @@ would be an unaccounted function of its data.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 import warnings
@@ -109,8 +110,13 @@ class DPSGDTrainer:
         named = dict(self.model.named_parameters())
         if anchor is not None and fedprox_mu > 0:
             anchor = {k: v.detach().to(device) for k, v in anchor.items()}
+        if self.dp.optimizer == "sgd":
+            base = torch.optim.SGD(params, lr=self.dp.learning_rate, momentum=self.dp.momentum)
+        else:
+            base = torch.optim.AdamW(params, lr=self.dp.learning_rate, weight_decay=cfg.weight_decay)
+        schedule = dataclasses.replace(cfg, lr=self.dp.learning_rate)
         optimizer = DPOptimizer(
-            torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay),
+            base,
             noise_multiplier=self.noise_multiplier,
             max_grad_norm=self.dp.max_grad_norm,
             expected_batch_size=max(1, round(self.sample_rate * self.n_samples)),
@@ -131,7 +137,7 @@ class DPSGDTrainer:
         for _ in range(cfg.epochs):
             for idx in sampler:
                 for group in optimizer.param_groups:
-                    group["lr"] = scheduled_lr(cfg, step / total)
+                    group["lr"] = scheduled_lr(schedule, step / total)
                 step += 1
                 optimizer.zero_grad(set_to_none=True)
                 if len(idx) == 0:
