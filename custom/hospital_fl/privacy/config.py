@@ -44,10 +44,10 @@ class DPConfig:
         metrics_epsilon: separate epsilon for the monitoring metrics a site sends (loss,
             gradient norm, sample count), accounted apart from training.
         accountant: "rdp" or "prv" (Opacus accountants).
-        optimizer / learning_rate / momentum: the DP-SGD optimiser. Default SGD with
-            momentum: Adam rescales every coordinate by its gradient variance, so where the
-            true gradient is small it turns DP noise into full-size steps whatever the noise
-            level; measured on the embedded data, SGD (lr 0.1) kept more AUC.
+        optimizer / learning_rate / momentum: the optimiser fed the noisy gradients: "adamw"
+            (default, lr 0.002 as non-private training) or "sgd" with momentum. Measured on
+            the embedded data (bench/), AdamW kept more AUC at every epsilon (3-seed means at
+            eps 1/3/8: 0.905/0.909/0.909 against SGD lr 0.1: 0.778/0.867/0.907).
     """
 
     mechanism: str = "none"
@@ -60,8 +60,8 @@ class DPConfig:
     clip_learning_rate: float = 0.2
     metrics_epsilon: float = 1.0
     accountant: str = "rdp"
-    optimizer: str = "sgd"
-    learning_rate: float = 0.1
+    optimizer: str = "adamw"
+    learning_rate: float = 0.002
     momentum: float = 0.9
 
     def __post_init__(self):
@@ -75,8 +75,13 @@ class DPConfig:
             ("privacy.target_quantile", 0 < self.target_quantile < 1, "it must lie in (0, 1)", "use 0.5"),
             ("privacy.clip_learning_rate", self.clip_learning_rate > 0, "it must be > 0", "use 0.2"),
             ("privacy.metrics_epsilon", self.metrics_epsilon > 0, "epsilon must be > 0", "use e.g. 1.0"),
-            ("privacy.optimizer", self.optimizer in ("sgd", "adamw"), "it must be sgd or adamw", "use sgd"),
-            ("privacy.learning_rate", 0 < self.learning_rate < 1, "it must lie in (0, 1)", "use 0.1 (sgd)"),
+            ("privacy.optimizer", self.optimizer in ("sgd", "adamw"), "it must be adamw or sgd", "use adamw"),
+            (
+                "privacy.learning_rate",
+                0 < self.learning_rate < 1,
+                "it must lie in (0, 1)",
+                "use 0.002 (adamw) or 0.1 (sgd)",
+            ),
             ("privacy.momentum", 0 <= self.momentum < 1, "it must lie in [0, 1)", "use 0.9"),
         ]
         for name, ok, rule, fix in checks:
