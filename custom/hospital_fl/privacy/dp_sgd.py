@@ -23,7 +23,6 @@ import warnings
 
 import numpy as np
 import torch
-from monai.transforms import RandAffine
 from opacus import GradSampleModule
 from opacus.optimizers import DPOptimizer
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
@@ -33,7 +32,15 @@ from hospital_fl.errors import InputError
 from hospital_fl.privacy.accounting import Release, noise_for_epsilon, poisson_schedule
 from hospital_fl.privacy.config import DPConfig
 from hospital_fl.training.config import TrainConfig
-from hospital_fl.training.loops import TrainResult, fit_to_model, resolve_device, scheduled_lr, to_tensor
+from hospital_fl.training.loops import (
+    TrainResult,
+    augment_batch,
+    augmenter,
+    fit_to_model,
+    resolve_device,
+    scheduled_lr,
+    to_tensor,
+)
 
 __all__ = ["DPSGDTrainer", "make_dp_valid"]
 
@@ -124,12 +131,7 @@ class DPSGDTrainer:
             generator=torch.Generator(device=device).manual_seed(seed + 1),
         )
         sampler = UniformWithReplacementSampler(num_samples=self.n_samples, sample_rate=self.sample_rate, generator=gen)
-        aug = None
-        if cfg.augment:
-            aug = RandAffine(
-                prob=0.8, rotate_range=0.15, translate_range=(2, 2), scale_range=0.1, padding_mode="border"
-            )
-            aug.set_random_state(seed)
+        aug = augmenter(seed) if cfg.augment else None
         loss_fn = torch.nn.BCEWithLogitsLoss()
         total = (total_epochs or cfg.epochs) * len(sampler)
         step = epoch_offset * len(sampler)
@@ -148,7 +150,7 @@ class DPSGDTrainer:
                     idx = torch.as_tensor(idx)
                     xb = fit_to_model(x[idx], self.model)
                     if aug is not None:
-                        xb = torch.as_tensor(aug(xb[:, 0])).unsqueeze(1)
+                        xb = augment_batch(aug, xb)
                     with warnings.catch_warnings():
                         # Opacus hooks warn that inputs need no grad; only parameters do.
                         warnings.simplefilter("ignore", UserWarning)

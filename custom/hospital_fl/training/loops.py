@@ -15,6 +15,8 @@ from hospital_fl.training.config import TrainConfig
 
 __all__ = [
     "TrainResult",
+    "augment_batch",
+    "augmenter",
     "resolve_device",
     "to_tensor",
     "fit_to_model",
@@ -76,12 +78,18 @@ def set_weights(model: torch.nn.Module, weights: dict[str, np.ndarray]) -> None:
     model.load_state_dict({k: torch.as_tensor(np.asarray(weights[k])).reshape(state[k].shape) for k in state})
 
 
-def _augmenter(seed: int) -> RandAffine:
+def augmenter(seed: int) -> RandAffine:
     # Small shifts/rotations/zoom: radiographs vary in positioning, never in laterality,
     # so no flips. One affine per batch keeps augmentation cheap on CPU.
     aug = RandAffine(prob=0.8, rotate_range=0.15, translate_range=(2, 2), scale_range=0.1, padding_mode="border")
     aug.set_random_state(seed)
     return aug
+
+
+def augment_batch(aug: RandAffine, batch: torch.Tensor) -> torch.Tensor:
+    """One random affine for a whole (B, 1, H, W) batch: MONAI transforms are channel-first
+    per sample, so the batch is passed as channels."""
+    return torch.as_tensor(aug(batch[:, 0])).unsqueeze(1)
 
 
 def scheduled_lr(cfg: TrainConfig, progress: float) -> float:
@@ -131,7 +139,7 @@ def train_local(
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     use_amp = cfg.amp and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
-    aug = _augmenter(cfg.seed) if cfg.augment else None
+    aug = augmenter(cfg.seed) if cfg.augment else None
     if fedprox_mu < 0:
         raise ValueError(f"fedprox_mu must be >= 0, got {fedprox_mu}")
     if anchor is not None and fedprox_mu > 0:
@@ -151,9 +159,7 @@ def train_local(
                 continue
             xb = fit_to_model(x[idx], model)
             if aug is not None:
-                # MONAI transforms are channel-first per sample: treat the batch as channels
-                # so one call transforms the whole batch with one random affine.
-                xb = torch.as_tensor(aug(xb[:, 0])).unsqueeze(1)
+                xb = augment_batch(aug, xb)
             xb, yb = xb.to(device, non_blocking=True), y[idx].to(device, non_blocking=True)
             with torch.autocast(device.type, enabled=use_amp):
                 loss = loss_fn(model(xb).float(), yb)
