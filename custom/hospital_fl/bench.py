@@ -12,19 +12,15 @@ from __future__ import annotations
 import dataclasses
 import os
 import platform
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from hospital_fl.aggregation.weighted import weighted_mean
 from hospital_fl.data.federated import load_federated
 from hospital_fl.demo import DemoConfig, co_located_threads, run_demo
+from hospital_fl.evaluation.federated_loop import run_federated_in_process
 from hospital_fl.flare.jobs import JobSpec
-from hospital_fl.models.cxr import build_cxr_model
-from hospital_fl.training.loops import get_weights
-from hospital_fl.training.site_round import run_site_round
 
 __all__ = ["run_benchmark", "time_without_flare"]
 
@@ -32,25 +28,15 @@ __all__ = ["run_benchmark", "time_without_flare"]
 def time_without_flare(spec: JobSpec) -> float:
     """Seconds for the same rounds of the same site training and averaging, in one
     process with no FLARE: the floor any federated runtime is compared with."""
-    data = load_federated(spec.split, spec.data_path)
-    torch.manual_seed(spec.train.seed)
-    weights = get_weights(build_cxr_model(spec.model))
-    start = time.perf_counter()
-    for rnd in range(spec.num_rounds):
-        outcomes = [
-            run_site_round(
-                site,
-                weights,
-                rnd,
-                spec.num_rounds,
-                spec.train,
-                spec.model,
-                spec.fedprox_mu if spec.algorithm == "fedprox" else 0.0,
-            )
-            for site in data.sites
-        ]
-        weights = weighted_mean([o.weights for o in outcomes], [o.n_samples for o in outcomes])
-    return time.perf_counter() - start
+    run = run_federated_in_process(
+        load_federated(spec.split, spec.data_path),
+        spec.model,
+        spec.train,
+        spec.num_rounds,
+        spec.privacy,
+        spec.fedprox_mu if spec.algorithm == "fedprox" else 0.0,
+    )
+    return run.seconds
 
 
 def run_benchmark(spec: JobSpec, seeds: list[int], workspace: Path, stock: bool = False) -> dict:
