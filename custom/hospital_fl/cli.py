@@ -138,6 +138,8 @@ def _cmd_allow_components(args) -> int:
 def _cmd_bench(args) -> int:
     if args.suite == "privacy":
         return _bench_privacy(args)
+    if args.suite == "aggregation":
+        return _bench_aggregation(args)
     from hospital_fl.bench import run_benchmark
 
     spec = _spec_from_args(args)
@@ -176,6 +178,36 @@ def _bench_privacy(args) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
     plot_epsilon_auc(result, out.with_name("epsilon_auc.png"))
+    brief = {k: v for k, v in result.items() if k != "runs"}
+    print(json.dumps(brief) if args.json else json.dumps(brief, indent=2))
+    return 0
+
+
+def _bench_aggregation(args) -> int:
+    import dataclasses
+
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from hospital_fl.bench_aggregation import plot_aggregation, run_aggregation_benchmark
+
+    spec = _spec_from_args(args)
+    out = Path(args.out if args.out != "out/bench.json" else "out/aggregation_bench.json")
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=Console(stderr=True)) as progress:
+        result = run_aggregation_benchmark(
+            seeds=args.seeds,
+            parts=args.parts,
+            rounds=spec.num_rounds,
+            split=spec.split,
+            model_cfg=spec.model,
+            train_cfg=dataclasses.replace(spec.train, torch_threads=0),
+            runs_file=out.with_name(out.stem + "_runs.jsonl"),
+            progress=progress,
+        )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+    plot_aggregation(result, out.with_name("aggregation_auc.png"))
     brief = {k: v for k, v in result.items() if k != "runs"}
     print(json.dumps(brief) if args.json else json.dumps(brief, indent=2))
     return 0
@@ -248,11 +280,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="benchmarks printing JSON: cxr (federated vs centralized vs local-only, FLARE overhead) "
         "or privacy (AUC vs epsilon)",
     )
-    bench.add_argument("suite", nargs="?", default="cxr", choices=["cxr", "privacy"])
+    bench.add_argument("suite", nargs="?", default="cxr", choices=["cxr", "privacy", "aggregation"])
     _add_job_options(bench)
     bench.add_argument("--epsilons", type=float, nargs="+", default=[1.0, 3.0, 8.0], help="privacy suite")
     bench.add_argument(
         "--mechanisms", nargs="+", default=["sample", "client-local", "client-central"], help="privacy suite"
+    )
+    bench.add_argument(
+        "--parts",
+        nargs="+",
+        default=["noniid", "attack", "compression", "timing"],
+        choices=["noniid", "attack", "compression", "timing"],
+        help="aggregation suite: which sweeps to run (default all)",
     )
     bench.add_argument("--json", action="store_true", help="print the summary as one JSON line")
     bench.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])

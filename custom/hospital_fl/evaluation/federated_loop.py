@@ -1,21 +1,28 @@
 """Federated rounds in one process, from the same pure functions the FLARE job runs.
 
-Each round every site runs ``run_site_round`` (with its DP mechanism, when any) and the
-server step is the aggregator's maths: sample-weighted mean of full weights or of
-differences, or central client-level DP. Used by benchmarks that sweep many settings,
-where starting FLARE for every point would only add the constant start-up the overhead
-benchmark already measures.
+Each round every site runs ``run_site_round`` (with its DP mechanism, SCAFFOLD controls or
+uplink compression, when any) and sends a weight difference; the server step is the
+aggregator's maths: ``aggregate_round`` (validation, norm screening and the configured
+rule), or central client-level DP, then FedOpt's server optimiser when configured. An
+optional attacking site rewrites its update or trains on flipped labels. Used by
+benchmarks that sweep many settings, where starting FLARE for every point would only add
+the constant start-up the overhead benchmark already measures.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
+from hospital_fl.aggregation.server_optimizer import ServerOptimizer, ServerOptimizerConfig
+from hospital_fl.aggregation.strategy import AggregationConfig, aggregate_round
 from hospital_fl.aggregation.weighted import weighted_mean
+from hospital_fl.compression.codecs import CompressionConfig, decode, encode, payload_bytes
 from hospital_fl.data.federated import FederatedDataset
+from hospital_fl.evaluation.attacks import Attack, poison_site, poison_update
 from hospital_fl.models.cxr import CXRClassifier, ModelConfig, build_cxr_model
 from hospital_fl.privacy.accounting import epsilon_of
 from hospital_fl.privacy.central import CentralClientDP
@@ -36,6 +43,9 @@ class InProcessRun:
     site_seconds_per_round: list[float]  # whole site work (scoring, training, DP release), summed
     privacy: dict[str, dict]  # per site: mechanism, epsilon, delta (empty without DP)
     central_dp: dict | None
+    bytes_per_round_per_site: float = 0.0  # uplink payload, mean over rounds and sites
+    uncompressed_bytes_per_round_per_site: float = 0.0
+    rounds: list[dict] = field(default_factory=list)  # per round: rejected sites and reasons, rule info
 
 
 def run_federated_in_process(
@@ -45,38 +55,90 @@ def run_federated_in_process(
     rounds: int,
     dp: DPConfig = DPConfig(),
     fedprox_mu: float = 0.0,
+    aggregation: AggregationConfig = AggregationConfig(),
+    server_optimizer: ServerOptimizerConfig | None = None,
+    scaffold: bool = False,
+    compression: CompressionConfig = CompressionConfig(),
+    attack: Attack | None = None,
 ) -> InProcessRun:
     torch.manual_seed(train_cfg.seed)
-    weights = get_weights(build_cxr_model(model_cfg))
+    template = build_cxr_model(model_cfg)
+    weights = get_weights(template)
+    trainable = [k for k, _ in template.named_parameters()]
+    sites = [poison_site(attack, s) if attack and i == attack.site_index else s for i, s in enumerate(data.sites)]
     privacy = (
         {
             site.name: SitePrivacy(dp, model_cfg, train_cfg, len(site.train), rounds, site.name, train_cfg.seed)
-            for site in data.sites
+            for site in sites
         }
         if dp.enabled
         else {}
     )
     central = CentralClientDP(dp, rounds, seed=train_cfg.seed) if dp.mechanism == "client-central" else None
-    train_s, site_s = [], []
+    server_opt = ServerOptimizer(server_optimizer, weights, trainable) if server_optimizer else None
+    c_global = {k: np.zeros_like(weights[k], dtype=np.float32) for k in trainable} if scaffold else None
+    c_local = {site.name: dict(c_global) for site in sites} if scaffold else {}
+    residuals: dict[str, dict] = {site.name: {} for site in sites}
+    train_s, site_s, sent, raw, history = [], [], [], [], []
     start = time.perf_counter()
     for rnd in range(rounds):
-        outcomes, site_time = [], 0.0
-        for site in data.sites:
+        outcomes, updates, site_time = [], [], 0.0
+        for i, site in enumerate(sites):
             t0 = time.perf_counter()
-            outcomes.append(
-                run_site_round(site, weights, rnd, rounds, train_cfg, model_cfg, fedprox_mu, privacy.get(site.name))
+            outcome = run_site_round(
+                site,
+                weights,
+                rnd,
+                rounds,
+                train_cfg,
+                model_cfg,
+                fedprox_mu,
+                privacy.get(site.name),
+                send_difference=True,
+                scaffold=(c_global, c_local[site.name]) if scaffold else None,
             )
+            update = outcome.weights
+            if attack is not None and i == attack.site_index:
+                update = poison_update(attack, update, seed=train_cfg.seed * 7919 + rnd)
+            if compression.enabled:
+                payload, residuals[site.name] = encode(update, compression, residuals[site.name])
+                sent.append(payload_bytes(payload))
+                update = decode(payload)
+            else:
+                sent.append(payload_bytes(update))
+            raw.append(payload_bytes(outcome.weights))
             site_time += time.perf_counter() - t0
+            outcomes.append(outcome)
+            updates.append(update)
         train_s.append(sum(o.train_seconds for o in outcomes))
         site_s.append(site_time)
         if central is not None:
-            update, _ = central.combine([o.weights for o in outcomes])
+            step, _ = central.combine(updates)
+            history.append({"round": rnd, "rejected": {}})
         else:
-            update = weighted_mean([o.weights for o in outcomes], [o.n_samples for o in outcomes])
-        if outcomes[0].params_type == "DIFF":
-            weights = {k: (weights[k] + update[k]).astype(weights[k].dtype) for k in weights}
+            result = aggregate_round(aggregation, updates, [o.n_samples for o in outcomes], reference=weights)
+            history.append(
+                {
+                    "round": rnd,
+                    "rejected": {sites[i].name: why for i, why in result.rejected.items()},
+                    **result.info,
+                }
+            )
+            step = result.update
+            if scaffold and step is not None:
+                kept = result.accepted
+                mean_delta = weighted_mean(
+                    [outcomes[i].control_delta for i in kept], [outcomes[i].n_samples for i in kept]
+                )
+                c_global = {k: c_global[k] + mean_delta[k] for k in c_global}
+                for i in kept:
+                    c_local[sites[i].name] = outcomes[i].control
+        if step is None:
+            continue  # too few acceptable updates: the global model stays as it was
+        if server_opt is not None:
+            weights = server_opt.step(weights, step)
         else:
-            weights = update
+            weights = {k: (weights[k] + step[k]).astype(weights[k].dtype) for k in weights}
     seconds = time.perf_counter() - start
     model = build_cxr_model(model_cfg)
     set_weights(model, weights)
@@ -97,4 +159,14 @@ def run_federated_in_process(
         if central
         else None
     )
-    return InProcessRun(model, seconds, train_s, site_s, spent, central_info)
+    return InProcessRun(
+        model,
+        seconds,
+        train_s,
+        site_s,
+        spent,
+        central_info,
+        float(np.mean(sent)),
+        float(np.mean(raw)),
+        history,
+    )

@@ -21,7 +21,8 @@ from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 from nvflare.app_common.aggregators.model_aggregator import ModelAggregator
 from nvflare.fuel.utils.log_utils import get_obj_logger
 
-from hospital_fl.aggregation.weighted import update_problem, weighted_mean
+from hospital_fl.aggregation.validation import update_problem
+from hospital_fl.aggregation.weighted import weighted_mean
 from hospital_fl.privacy.central import CentralClientDP
 from hospital_fl.privacy.config import DPConfig
 

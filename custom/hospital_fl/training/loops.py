@@ -35,6 +35,7 @@ class TrainResult:
     steps: int
     mean_loss: float
     seconds: float
+    lr_sum: float = 0.0  # summed learning rate over steps (SCAFFOLD's control update divides by it)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -114,6 +115,7 @@ def train_local(
     fedprox_mu: float = 0.0,
     epoch_offset: int = 0,
     total_epochs: int | None = None,
+    control: dict[str, torch.Tensor] | None = None,
 ) -> TrainResult:
     """Train ``model`` in place on one site's data for ``cfg.epochs`` epochs.
 
@@ -127,6 +129,8 @@ def train_local(
         fedprox_mu: the proximal weight, sent by the server with each round (0: FedAvg).
         epoch_offset / total_epochs: where this call sits in the whole run, so a federated
             round continues the same learning-rate schedule a centralized run would follow.
+        control: SCAFFOLD's correction (global minus local control variate) per parameter;
+            after every optimiser step each parameter moves by -lr * correction.
     """
     start = time.perf_counter()
     device = resolve_device(cfg.device)
@@ -145,7 +149,9 @@ def train_local(
     if anchor is not None and fedprox_mu > 0:
         anchor = {k: v.detach().to(device) for k, v in anchor.items()}
     params = dict(model.named_parameters())
-    losses = []
+    if control is not None:
+        control = {k: v.to(device) for k, v in control.items()}
+    losses, lr_sum = [], 0.0
     total = (total_epochs or cfg.epochs) * len(x)
     seen = epoch_offset * len(x)
     for _ in range(cfg.epochs):
@@ -170,12 +176,19 @@ def train_local(
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
+            lr_now = optimizer.param_groups[0]["lr"]
+            if control is not None:
+                with torch.no_grad():
+                    for k, c in control.items():
+                        params[k].add_(c, alpha=-lr_now)
+            lr_sum += lr_now
             losses.append(float(loss.detach()))
     model.cpu()
     return TrainResult(
         steps=len(losses),
         mean_loss=float(np.mean(losses)) if losses else float("nan"),
         seconds=time.perf_counter() - start,
+        lr_sum=lr_sum,
     )
 
 

@@ -21,6 +21,7 @@ from hospital_fl.privacy.site import SitePrivacy
 from hospital_fl.training.config import TrainConfig
 from hospital_fl.training.loops import get_weights, predict_proba, set_weights, train_local
 from hospital_fl.training.metrics import rank_auc
+from hospital_fl.training.scaffold import control_update, correction
 
 __all__ = ["RoundOutcome", "run_site_round"]
 
@@ -35,6 +36,9 @@ class RoundOutcome:
     train_seconds: float
     params_type: Literal["FULL", "DIFF"] = "FULL"
     local_metrics: dict[str, float] = field(default_factory=dict)
+    # SCAFFOLD: the site's new control variate (kept) and its change (sent).
+    control: dict[str, np.ndarray] | None = None
+    control_delta: dict[str, np.ndarray] | None = None
 
 
 def run_site_round(
@@ -46,8 +50,17 @@ def run_site_round(
     model_cfg: ModelConfig,
     fedprox_mu: float = 0.0,
     privacy: SitePrivacy | None = None,
+    send_difference: bool = False,
+    scaffold: tuple[dict[str, np.ndarray], dict[str, np.ndarray]] | None = None,
 ) -> RoundOutcome:
-    """Score the global model at this site, then train it locally for one round."""
+    """Score the global model at this site, then train it locally for one round.
+
+    Args:
+        send_difference: send trained minus received weights (what robust aggregation and
+            top-k compression work on) instead of full weights; DP always does.
+        scaffold: (server control c, this site's control c_i) to run SCAFFOLD's corrected
+            local training; the outcome then carries c_i's new value and its change.
+    """
     model = privacy.model if privacy else build_cxr_model(model_cfg)
     set_weights(model, global_weights)
     scores = {
@@ -57,20 +70,44 @@ def run_site_round(
     cfg = dataclasses.replace(train_cfg, seed=train_cfg.seed * 1000 + round_index)
     anchor = {k: v.detach().clone() for k, v in model.named_parameters()} if fedprox_mu > 0 else None
     schedule = dict(epoch_offset=round_index * cfg.epochs, total_epochs=total_rounds * cfg.epochs)
+    if scaffold is not None and privacy is not None:
+        raise ValueError("SCAFFOLD's control variates are not covered by the DP accounting; use FedAvg/FedProx with DP")
     if privacy and privacy.dpsgd:
         result = privacy.dpsgd.train_round(
             site.train.images, site.train.labels, cfg.seed, anchor=anchor, fedprox_mu=fedprox_mu, **schedule
         )
     else:
+        control = correction(*scaffold) if scaffold is not None else None
         result = train_local(
-            model, site.train.images, site.train.labels, cfg, anchor=anchor, fedprox_mu=fedprox_mu, **schedule
+            model,
+            site.train.images,
+            site.train.labels,
+            cfg,
+            anchor=anchor,
+            fedprox_mu=fedprox_mu,
+            control=control,
+            **schedule,
         )
     trained = get_weights(model)
     if privacy is None:
         metrics = {**scores, "train_loss": result.mean_loss}
-        return RoundOutcome(trained, metrics, len(site.train), result.seconds, "FULL", dict(metrics))
+        new_control = control_delta = None
+        if scaffold is not None:
+            new_control, control_delta = control_update(*scaffold, global_weights, trained, result.lr_sum)
+        if send_difference:
+            trained = _difference(trained, global_weights)
+        return RoundOutcome(
+            trained,
+            metrics,
+            len(site.train),
+            result.seconds,
+            "DIFF" if send_difference else "FULL",
+            dict(metrics),
+            new_control,
+            control_delta,
+        )
     released = privacy.released_metrics(site.train.images, site.train.labels)
-    delta = {k: trained[k] - np.asarray(global_weights[k]).astype(trained[k].dtype) for k in trained}
+    delta = _difference(trained, global_weights)
     return RoundOutcome(
         weights=privacy.privatize_update(delta),
         metrics={"train_loss": released["train_loss"], "grad_norm": released["grad_norm"]},
@@ -79,3 +116,7 @@ def run_site_round(
         params_type="DIFF",
         local_metrics={**scores, "train_loss": result.mean_loss},
     )
+
+
+def _difference(trained: dict[str, np.ndarray], global_weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {k: trained[k] - np.asarray(global_weights[k]).astype(trained[k].dtype) for k in trained}
