@@ -18,7 +18,19 @@ def _add_job_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sites", type=int, default=5, help="number of hospitals (default 5)")
     p.add_argument("--alpha", type=float, default=0.5, help="Dirichlet label-skew alpha (default 0.5)")
     p.add_argument("--seed", type=int, default=0, help="split and training seed (default 0)")
-    p.add_argument("--algorithm", default="fedavg", help="fedavg or fedprox (default fedavg)")
+    p.add_argument("--algorithm", default="fedavg", help="fedavg, fedprox, fedopt or scaffold (default fedavg)")
+    p.add_argument(
+        "--aggregator",
+        default="fedavg",
+        help="server rule: fedavg, trimmed_mean, median, norm_bounded, krum or multi_krum (default fedavg)",
+    )
+    p.add_argument("--trim", type=int, default=1, help="trimmed_mean: sites dropped per side (default 1)")
+    p.add_argument("--byzantine", type=int, default=1, help="krum/multi_krum: faulty sites tolerated (default 1)")
+    p.add_argument("--min-clients", type=int, default=None, help="updates a round needs (default: every site)")
+    p.add_argument("--round-timeout", type=int, default=0, help="seconds a round may wait (default 0: no limit)")
+    p.add_argument("--uplink", default="none", help="update compression site -> server: none, fp16, int8 or topk")
+    p.add_argument("--topk", type=float, default=0.01, help="top-k: share of values sent (default 0.01)")
+    p.add_argument("--downlink", default="none", help="model compression server -> site: none, fp16 or int8")
     p.add_argument("--mu", type=float, default=0.01, help="FedProx proximal weight (default 0.01)")
     p.add_argument("--arch", default="compact", help="compact (28x28 demo) or densenet121")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
@@ -45,6 +57,8 @@ def _check_device(device: str) -> None:
 
 
 def _spec_from_args(args, torch_threads: int = 0):
+    from hospital_fl.aggregation.strategy import AggregationConfig
+    from hospital_fl.compression.codecs import CompressionConfig
     from hospital_fl.data.splits import SplitConfig
     from hospital_fl.flare.jobs import JobSpec
     from hospital_fl.models.cxr import ModelConfig
@@ -68,6 +82,11 @@ def _spec_from_args(args, torch_threads: int = 0):
         model=ModelConfig(arch=args.arch, image_size=224 if args.arch == "densenet121" else 28),
         train=TrainConfig(epochs=args.local_epochs, seed=args.seed, device=args.device, torch_threads=torch_threads),
         data_path=str(Path(args.data).resolve()) if args.data else None,
+        aggregation=AggregationConfig(rule=args.aggregator, trim=args.trim, byzantine=args.byzantine),
+        min_clients=args.min_clients,
+        round_timeout=args.round_timeout,
+        uplink=CompressionConfig(args.uplink, topk_fraction=args.topk),
+        downlink=CompressionConfig(args.downlink),
     )
 
 

@@ -122,6 +122,11 @@ def run_demo(cfg: DemoConfig, progress=None) -> dict:
             "model": dataclasses.asdict(spec.model),
             "train": dataclasses.asdict(spec.train),
             "privacy": dataclasses.asdict(spec.privacy),
+            "aggregation": dataclasses.asdict(spec.aggregation),
+            "min_clients": spec.min_clients or spec.num_sites,
+            "round_timeout": spec.round_timeout,
+            "uplink": spec.uplink.codec,
+            "downlink": spec.downlink.codec,
             "flare_result": str(run.result_dir),
         },
     )

@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
-from hospital_fl.aggregation.weighted import update_problem, weighted_mean
+from hospital_fl.aggregation.validation import update_problem
+from hospital_fl.aggregation.weighted import weighted_mean
 
 
 def test_weighted_mean_weights_by_sample_count():
@@ -24,7 +25,10 @@ def test_weighted_mean_refuses_mismatched_inputs():
     [
         ({"w": np.array([np.nan, 1.0])}, 10, "w contains NaN or infinite values"),
         ({"w": np.ones(3)}, 10, "w has shape (3,), expected (2,)"),
-        ({"v": np.ones(2)}, 10, "its weight names differ"),
+        ({"w": np.ones(2), "v": np.ones(2)}, 10, "holds 1 weight(s) the model does not have (e.g. ['v'])"),
+        ({"v": np.ones(2)}, 10, "lacks 1 weight(s) the model has (e.g. ['w'])"),
+        ({"w": np.ones(2, dtype=np.float32)}, 10, "w has dtype float32, expected float64"),
+        ({"w": [1.0, 1.0]}, 10, "w is a list, expected a numpy array"),
         ({"w": np.ones(2)}, 0, "n_samples must be a positive integer, got 0"),
         ({"w": np.ones(2)}, None, "n_samples must be a positive integer, got None"),
     ],

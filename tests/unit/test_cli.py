@@ -6,7 +6,7 @@ def test_unknown_algorithm_is_refused_before_anything_runs(capsys):
     assert main(["demo", "--algorithm", "fedsgd"]) == 2
 
     err = capsys.readouterr().err
-    assert "algorithm: got 'fedsgd'; it must be one of ('fedavg', 'fedprox')" in err
+    assert "algorithm: got 'fedsgd'; it must be one of ('fedavg', 'fedprox', 'fedopt', 'scaffold')" in err
     assert "Try 'hospital-fl demo --help'" in err
 
 

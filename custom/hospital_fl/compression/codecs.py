@@ -86,7 +86,7 @@ def encode(
             peak = float(np.max(np.abs(arr))) if arr.size else 0.0
             scale = peak / 127.0 if peak > 0 else 1.0
             q = np.clip(np.rint(arr / scale), -127, 127).astype(np.int8)
-            payload[key] = {"q": q, "scale": np.float32(scale), "dtype": arr.dtype.str}
+            payload[key] = {"q": q, "scale": np.asarray(scale, dtype=np.float32), "dtype": arr.dtype.str}
         else:
             full = arr.astype(np.float32)
             if cfg.error_feedback and residual is not None and key in residual:

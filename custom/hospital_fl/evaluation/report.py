@@ -135,6 +135,11 @@ def build_report(
     rejected = [s for s in per_round if not s.get("accepted")]
     flags += [f"{s['site']}: an update was rejected ({s['reason']})" for s in rejected]
     payloads = [s["payload_bytes"] for s in per_round if s.get("payload_bytes")]
+    raw_payloads = [s.get("uncompressed_bytes") or s["payload_bytes"] for s in per_round if s.get("payload_bytes")]
+    by_site: dict[str, list[int]] = {}
+    for s in per_round:
+        if s.get("payload_bytes"):
+            by_site.setdefault(s["site"], []).append(s["payload_bytes"])
     best_local = max(local_held_out.values())
 
     return {
@@ -160,8 +165,13 @@ def build_report(
         "rounds_curve": round_curve(history),
         "timing": run_timing(history, wall_seconds),
         "communication": {
-            # model weights each site uploads per round (fp32); the download is the same size
+            # bytes of model data each site uploaded per round, as they crossed the wire
+            # (compressed when the job compresses its uplink); the fp32 size beside it
             "bytes_per_round_per_site": int(np.mean(payloads)) if payloads else 0,
+            "uncompressed_bytes_per_round_per_site": int(np.mean(raw_payloads)) if raw_payloads else 0,
+            "per_site_bytes_per_round": {name: int(np.mean(v)) for name, v in sorted(by_site.items())},
+            "uplink": settings.get("uplink", "none"),
+            "downlink": settings.get("downlink", "none"),
         },
         # per site: mechanism, epsilon, delta (None: no DP at that site); the centralized and
         # local-only comparison models are always trained without DP
@@ -219,7 +229,9 @@ def render_markdown(report: dict) -> str:
         f"- wall time of the federated run: {t['wall_seconds']:.1f} s; training time of the slowest site, "
         f"summed over rounds: {t['critical_path_train_seconds']:.1f} s (all sites together: "
         f"{t['client_train_seconds']:.1f} s); overhead ratio (wall / slowest-site training) {t['overhead_ratio']:.2f}",
-        f"- model upload per site per round: {report['communication']['bytes_per_round_per_site'] / 1e6:.2f} MB",
+        f"- model upload per site per round: {report['communication']['bytes_per_round_per_site'] / 1e6:.3f} MB "
+        f"(uplink {report['communication'].get('uplink', 'none')}; uncompressed "
+        f"{report['communication'].get('uncompressed_bytes_per_round_per_site', 0) / 1e6:.3f} MB)",
         _privacy_line(report["privacy"], report.get("central_dp")),
         "",
         "## Flags",

@@ -1,12 +1,16 @@
-"""FLARE ModelAggregator: checks each update, then sample-weighted averaging.
+"""FLARE ModelAggregator: screens each site's update, then combines them with the job's rule.
 
-A bad update (NaN, wrong shapes, missing sample count) is rejected and logged while the
-round goes on with the remaining sites. A round's updates are all full weights or all
-differences to the global model (what DP sites send); a site sending the other kind is
-rejected. With central client-level DP the accepted differences are clipped, averaged with
-equal weights and noised (hospital_fl.privacy.central) instead of sample-weighted. Every round's per-site report (metrics, sample
-count, training seconds, accepted or why not) is written to round_history.json in the
-server's run folder, which travels with the job result.
+All maths is hospital_fl.aggregation.strategy.aggregate_round (validation, norm screen,
+FedAvg / trimmed mean / median / norm-bounded mean / Krum); this class only turns FLModels
+into plain data and back. A bad update (NaN, wrong names, shapes or dtypes, no sample
+count, a norm far above the round's median) is rejected and logged with the site and the
+reason while the round goes on with the others. When fewer acceptable updates remain than
+the rule needs, the round leaves the global model unchanged (logged); when none remain the
+round fails loudly. A round's updates are all full weights or all differences to the
+global model; robust rules and central client-level DP need differences. Every round's
+per-site report (metrics, sample count, training seconds, bytes on the wire, accepted or
+why not) is written to round_history.json in the server's run folder, which travels with
+the job result.
 """
 
 from __future__ import annotations
@@ -21,104 +25,128 @@ from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 from nvflare.app_common.aggregators.model_aggregator import ModelAggregator
 from nvflare.fuel.utils.log_utils import get_obj_logger
 
+from hospital_fl.aggregation.strategy import AggregationConfig, aggregate_round
 from hospital_fl.aggregation.validation import update_problem
-from hospital_fl.aggregation.weighted import weighted_mean
+from hospital_fl.compression.codecs import payload_bytes
 from hospital_fl.privacy.central import CentralClientDP
 from hospital_fl.privacy.config import DPConfig
 
-__all__ = ["SampleWeightedAggregator", "HISTORY_FILE"]
+__all__ = ["UpdateAggregator", "HISTORY_FILE", "WIRE_BYTES_KEY"]
 
 HISTORY_FILE = "round_history.json"
+# Set by hospital_fl.flare.filters.DecompressUpdate: the compressed size that crossed the wire.
+WIRE_BYTES_KEY = "hospital_fl_wire_bytes"
 
 
-def _payload_bytes(params: dict) -> int:
-    return int(sum(np.asarray(v).nbytes for v in params.values()))
-
-
-class SampleWeightedAggregator(ModelAggregator):
-    """Weighted FedAvg by each site's training sample count, with update checks.
+class UpdateAggregator(ModelAggregator):
+    """Screens and combines the round's updates.
 
     Args:
+        aggregation: AggregationConfig fields (rule, trim, byzantine, select, norm_bound,
+            outlier_factor); None: sample-weighted FedAvg with the norm screen.
         central_dp: DPConfig fields with mechanism "client-central" to add central
-            client-level DP; None for plain weighted averaging.
+            client-level DP instead of the rule; None for none.
         num_rounds: the job's rounds (the central DP noise covers all of them).
     """
 
-    def __init__(self, central_dp: dict | None = None, num_rounds: int | None = None):
+    def __init__(self, aggregation: dict | None = None, central_dp: dict | None = None, num_rounds: int | None = None):
         super().__init__()
-        self.central_dp, self.num_rounds = central_dp, num_rounds
+        self.aggregation, self.central_dp, self.num_rounds = aggregation, central_dp, num_rounds
+        self.rule = AggregationConfig(**(aggregation or {}))
         self._central = CentralClientDP(DPConfig(**central_dp), num_rounds or 1) if central_dp else None
         self.logger = get_obj_logger(self)  # ModelAggregator skips FLComponent's init
-        self._accepted: list[tuple[dict, int]] = []
-        self._round_sites: list[dict] = []
-        self.history: list[dict] = []  # one entry per round: {"round", "sites": [...]}
+        self.history: list[dict] = []  # one entry per round: {"round", "sites": [...], "aggregation": {...}}
         self._round = 0
+        self.reset_stats()
+
+    def reset_stats(self) -> None:
+        self._updates: list[tuple[int, dict, object]] = []  # (index into _round_sites, params, n_samples)
+        self._round_sites: list[dict] = []
         self._params_type = None
 
     def accept_model(self, model: FLModel) -> None:
         meta = model.meta or {}
         site = meta.get("client_name", "unknown")
-        n_samples = meta.get("n_samples")
-        reference = self._accepted[0][0] if self._accepted else None
-        problem = update_problem(model.params or {}, n_samples, reference)
-        expected = self._expected_type()
-        if problem is None and model.params_type not in (ParamsType.FULL, ParamsType.DIFF):
-            problem = f"params_type must be FULL or DIFF, got {model.params_type}"
-        if problem is None and expected is not None and model.params_type != expected:
-            problem = f"params_type {model.params_type} differs from this round's {expected}"
+        params = model.params or {}
         self._round = model.current_round if model.current_round is not None else self._round
-        self._round_sites.append(
-            {
-                "site": site,
-                "accepted": problem is None,
-                "reason": problem,
-                "n_samples": n_samples,
-                "train_seconds": meta.get("train_seconds"),
-                "payload_bytes": _payload_bytes(model.params or {}),
-                "metrics": model.metrics or {},
-                "privacy": meta.get("privacy"),
-            }
-        )
+        problem = self._type_problem(model.params_type)
+        entry = {
+            "site": site,
+            "accepted": problem is None,
+            "reason": problem,
+            "n_samples": meta.get("n_samples"),
+            "train_seconds": meta.get("train_seconds"),
+            "payload_bytes": int(meta.get(WIRE_BYTES_KEY) or payload_bytes(params)),
+            "uncompressed_bytes": payload_bytes(params),
+            "metrics": model.metrics or {},
+            "privacy": meta.get("privacy"),
+        }
+        self._round_sites.append(entry)
         if problem is not None:
             self.logger.warning(f"round {self._round}: rejected update from {site}: {problem}")
             return
-        self._accepted.append((model.params, int(n_samples)))
-        self._params_type = model.params_type
+        self._params_type = self._params_type or model.params_type
+        self._updates.append((len(self._round_sites) - 1, params, meta.get("n_samples")))
 
-    def _expected_type(self):
-        if self._central is not None:
-            return ParamsType.DIFF  # central DP clips differences, never full weights
-        return self._params_type if self._accepted else None
+    def _type_problem(self, params_type) -> str | None:
+        if params_type not in (ParamsType.FULL, ParamsType.DIFF):
+            return f"params_type must be FULL or DIFF, got {params_type}"
+        if params_type == ParamsType.FULL and self._central is not None:
+            return "central DP clips weight differences; this site sent full weights"
+        if params_type == ParamsType.FULL and self.rule.rule != "fedavg":
+            return f"{self.rule.rule} works on weight differences; this site sent full weights (export the job again)"
+        if self._params_type is not None and params_type != self._params_type:
+            return f"params_type {params_type} differs from this round's {self._params_type}"
+        return None
+
+    def _reject(self, index: int, reason: str) -> None:
+        entry = self._round_sites[index]
+        entry["accepted"], entry["reason"] = False, reason
+        self.logger.warning(f"round {self._round}: rejected update from {entry['site']}: {reason}")
 
     def aggregate_model(self) -> FLModel:
-        rnd = self._round
+        rnd, updates = self._round, self._updates
         entry = {"round": rnd, "sites": self._round_sites}
         self.history.append(entry)
-        if not self._accepted:
-            raise RuntimeError(f"round {rnd}: every site's update was rejected; see {HISTORY_FILE} for the reasons")
-        weights = [n for _, n in self._accepted]
-        if self._central is not None:
-            params, info = self._central.combine([p for p, _ in self._accepted])
-            entry["central_dp"] = {
-                **info,
-                "noise_multiplier": self._central.noise_multiplier,
-                "epsilon": self._central.epsilon_spent(),
-                "delta": self._central.dp.delta,
-            }
-        else:
-            params = weighted_mean([p for p, _ in self._accepted], weights)
-        metric_names = set.intersection(*(set(s["metrics"]) for s in self._round_sites if s["accepted"]))
-        metrics = {
-            k: float(np.average([s["metrics"][k] for s in self._round_sites if s["accepted"]], weights=weights))
-            for k in metric_names
-        }
         params_type = self._params_type
+        if self._central is not None:
+            ok = []
+            for index, params, n in updates:
+                problem = update_problem(params, n, ok[0][1] if ok else None)
+                self._reject(index, problem) if problem else ok.append((index, params, n))
+            combined = None
+            if ok:
+                combined, info = self._central.combine([p for _, p, _ in ok])
+                entry["central_dp"] = {
+                    **info,
+                    "noise_multiplier": self._central.noise_multiplier,
+                    "epsilon": self._central.epsilon_spent(),
+                    "delta": self._central.dp.delta,
+                }
+        else:
+            result = aggregate_round(self.rule, [p for _, p, _ in updates], [n for _, _, n in updates])
+            for j, reason in sorted(result.rejected.items()):
+                self._reject(updates[j][0], reason)
+            for j, norm in enumerate(result.norms):
+                self._round_sites[updates[j][0]]["update_norm"] = norm
+            entry["aggregation"] = dict(result.info)
+            if "selected" in result.info:  # Krum: which sites' updates were averaged
+                entry["aggregation"]["selected"] = [
+                    self._round_sites[updates[j][0]]["site"] for j in result.info["selected"]
+                ]
+            combined = result.update
+            if combined is None and result.accepted:
+                self.logger.warning(f"round {rnd}: {result.info['skipped']}; the global model stays unchanged")
+                combined, params_type = {}, ParamsType.DIFF  # an empty difference leaves the model as it was
+        accepted = [s for s in self._round_sites if s["accepted"]]
+        if combined is None:
+            self.reset_stats()
+            raise RuntimeError(f"round {rnd}: every site's update was rejected; see {HISTORY_FILE} for the reasons")
+        weights = [float(s["n_samples"]) for s in accepted]
+        metric_names = set.intersection(*(set(s["metrics"]) for s in accepted))
+        metrics = {k: float(np.average([s["metrics"][k] for s in accepted], weights=weights)) for k in metric_names}
         self.reset_stats()
-        return FLModel(params_type=params_type, params=params, metrics=metrics)
-
-    def reset_stats(self) -> None:
-        self._accepted, self._round_sites = [], []
-        self._params_type = None
+        return FLModel(params_type=params_type, params=combined, metrics=metrics)
 
     def handle_event(self, event_type: str, fl_ctx: FLContext) -> None:
         super().handle_event(event_type, fl_ctx)

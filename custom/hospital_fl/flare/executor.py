@@ -11,6 +11,7 @@ hospital_fl.training.site_round; this class only converts FLARE messages to plai
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from nvflare.apis.event_type import EventType
 from nvflare.apis.executor import Executor
@@ -26,7 +27,7 @@ from hospital_fl.data.federated import FederatedDataset, load_federated
 from hospital_fl.data.splits import SplitConfig
 from hospital_fl.errors import InputError
 from hospital_fl.flare.privacy_gate import SitePrivacyGate, open_gate
-from hospital_fl.models.cxr import ModelConfig
+from hospital_fl.models.cxr import ModelConfig, build_cxr_model
 from hospital_fl.privacy.config import DPConfig
 from hospital_fl.privacy.site import SitePrivacy
 from hospital_fl.training.config import TrainConfig
@@ -41,8 +42,10 @@ class CXRTrainExecutor(Executor):
     """Trains the CXR classifier on this hospital's data for each "train" task.
 
     Each task: score the received global model on the site's validation and local test
-    portions, train it for ``train["epochs"]`` epochs, and send back the weights with the
-    sample count (the aggregation weight) and the seconds spent training.
+    portions, train it for ``train["epochs"]`` epochs, and send back the difference to the
+    received weights with the sample count (the aggregation weight) and the seconds spent
+    training. Under FLARE's SCAFFOLD controller the site also keeps its control variate
+    and returns its change.
 
     Args:
         split: SplitConfig fields (which images this site holds in the embedded dataset).
@@ -79,6 +82,7 @@ class CXRTrainExecutor(Executor):
         self._site_privacy: SitePrivacy | None = None
         self._gate: SitePrivacyGate | None = None
         self._refusal: str | None = None
+        self._control: dict | None = None  # SCAFFOLD: this site's control variate across rounds
 
     _always_serialize_args = ("split", "model", "train", "privacy", "num_rounds")
 
@@ -123,6 +127,17 @@ class CXRTrainExecutor(Executor):
                 f"{b.spent_before:.3f} -> {b.spent_after:.3f} of {b.lifetime_epsilon} (delta {self._gate.policy.delta})",
             )
 
+    def _scaffold_controls(self, meta: dict):
+        """(server control, this site's control) when the server runs SCAFFOLD, else None."""
+        c_global = meta.get(AlgorithmConstants.SCAFFOLD_CTRL_GLOBAL)
+        if c_global is None:
+            return None
+        trainable = {k for k, _ in build_cxr_model(self.model_cfg).named_parameters()}
+        c_global = {k: np.asarray(v, dtype=np.float32) for k, v in c_global.items() if k in trainable}
+        if self._control is None:
+            self._control = {k: np.zeros_like(v) for k, v in c_global.items()}
+        return c_global, self._control
+
     def execute(self, task_name: str, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
         if task_name != TRAIN_TASK:
             return make_reply(ReturnCode.TASK_UNKNOWN)
@@ -139,6 +154,7 @@ class CXRTrainExecutor(Executor):
                 f"budget check cover {self.num_rounds}; refusing to train",
             )
             return make_reply(ReturnCode.EXECUTION_EXCEPTION)
+        scaffold = self._scaffold_controls(received.meta or {})
         outcome = run_site_round(
             site,
             received.params,
@@ -148,8 +164,13 @@ class CXRTrainExecutor(Executor):
             model_cfg=self.model_cfg,
             fedprox_mu=float((received.meta or {}).get(AlgorithmConstants.FEDPROX_MU) or 0.0),
             privacy=self._site_privacy,
+            send_difference=True,  # robust rules, top-k and DP work on differences; FLARE adds them
+            scaffold=scaffold,
         )
         meta = {}
+        if scaffold is not None:
+            self._control = outcome.control  # this site's SCAFFOLD control, kept for the next round
+            meta[AlgorithmConstants.SCAFFOLD_CTRL_DIFF] = outcome.control_delta
         if self._site_privacy is not None:
             # Recorded before anything is sent: the releases are made once they leave the site.
             job_epsilon = self._gate.record_round(self._site_privacy)

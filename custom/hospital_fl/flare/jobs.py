@@ -1,6 +1,8 @@
 """FLARE job definitions: nvflare Job Recipes whose sites run this installed package.
 
-``build_recipe`` turns a plain JobSpec into a FedAvg or FedProx recipe; ``export_job``
+``build_recipe`` turns a plain JobSpec into a FLARE recipe (FedAvg, FedProx, FedOpt or
+SCAFFOLD controller with the job's round policy, the screening aggregator with its rule,
+and compression filters when asked); ``export_job``
 writes an ordinary job folder (meta.json + app configs) that ``nvflare job submit`` and
 the admin console's ``submit_job`` accept. No app/custom code is shipped: every config
 "path" names a class in hospital_fl or in FLARE, installed on the server and each site.
@@ -15,13 +17,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from nvflare.app_opt.pt.recipes.fedavg import FedAvgRecipe
-from nvflare.app_opt.pt.recipes.fedprox import FedProxRecipe
 from nvflare.recipe.spec import Recipe
 
+from hospital_fl.aggregation.server_optimizer import ServerOptimizerConfig
+from hospital_fl.aggregation.strategy import AggregationConfig
+from hospital_fl.compression.codecs import CompressionConfig
 from hospital_fl.data.splits import SplitConfig
 from hospital_fl.errors import InputError
-from hospital_fl.flare.aggregator import SampleWeightedAggregator
+from hospital_fl.flare.aggregator import UpdateAggregator
+from hospital_fl.flare.controllers import RoundPolicyFedAvg, RoundPolicyFedOpt, RoundPolicyScaffold
 from hospital_fl.flare.executor import TRAIN_TASK, CXRTrainExecutor
+from hospital_fl.flare.filters import CompressUpdate, DecompressUpdate
 from hospital_fl.models.cxr import CXRClassifier, ModelConfig
 from hospital_fl.privacy.config import DPConfig
 from hospital_fl.training.config import TrainConfig
@@ -37,7 +43,7 @@ __all__ = [
     "export_standard_jobs",
 ]
 
-ALGORITHMS = ("fedavg", "fedprox")
+ALGORITHMS = ("fedavg", "fedprox", "fedopt", "scaffold")
 # The executor ignores this: sites run CXRTrainExecutor, not a script (see _InstalledSiteCode).
 _NO_SCRIPT = "hospital_fl.flare.executor"
 
@@ -58,10 +64,62 @@ class JobSpec:
     # Seconds a site waits before asking the server for its next task. FLARE's default (2 s)
     # adds up to two such waits to every round; a site's poll is a few hundred bytes.
     task_request_interval: float = 0.25
+    aggregation: AggregationConfig = field(default_factory=AggregationConfig)
+    server_optimizer: ServerOptimizerConfig = field(default_factory=ServerOptimizerConfig)  # fedopt only
+    # Round policy (hospital_fl.flare.controllers): updates a round needs (None: every site),
+    # seconds a round may wait (0: no limit), grace seconds for the rest once min_clients answered.
+    min_clients: int | None = None
+    round_timeout: int = 0
+    wait_after_min: int = 0
+    uplink: CompressionConfig = field(default_factory=CompressionConfig)  # site -> server
+    downlink: CompressionConfig = field(default_factory=CompressionConfig)  # server -> site
 
     def __post_init__(self):
         if self.algorithm not in ALGORITHMS:
-            raise InputError("algorithm", self.algorithm, f"it must be one of {ALGORITHMS}", "use fedavg or fedprox")
+            raise InputError("algorithm", self.algorithm, f"it must be one of {ALGORITHMS}", "use e.g. fedavg")
+        if self.min_clients is not None and not (
+            isinstance(self.min_clients, int) and 1 <= self.min_clients <= self.num_sites
+        ):
+            raise InputError(
+                "min_clients",
+                self.min_clients,
+                f"it must be an integer in 1..{self.num_sites} (the job's sites)",
+                "use e.g. --min-clients 4 to let a round finish without one site",
+            )
+        for name in ("round_timeout", "wait_after_min"):
+            value = getattr(self, name)
+            if not (isinstance(value, int) and value >= 0):
+                raise InputError(name, value, "it must be a whole number of seconds >= 0", "use 0 for no limit")
+        self.aggregation.check_sites(self.min_clients or self.num_sites)
+        robust = self.aggregation.rule != "fedavg"
+        if robust and self.algorithm == "scaffold":
+            raise InputError(
+                "aggregation.rule",
+                self.aggregation.rule,
+                "FLARE's SCAFFOLD controller averages updates and controls itself",
+                "use rule fedavg with scaffold, or fedavg/fedprox/fedopt with a robust rule",
+            )
+        if robust and self.privacy.mechanism == "client-central":
+            raise InputError(
+                "aggregation.rule",
+                self.aggregation.rule,
+                "central client-level DP replaces the rule with its clipped, noised mean",
+                "use rule fedavg with client-central DP",
+            )
+        if self.algorithm == "scaffold" and self.privacy.enabled:
+            raise InputError(
+                "algorithm",
+                "scaffold",
+                "SCAFFOLD's control variates leave the site without DP accounting",
+                "use fedavg or fedprox with DP",
+            )
+        if self.downlink.codec == "topk":
+            raise InputError(
+                "downlink.codec",
+                "topk",
+                "the server sends full weights, which top-k would zero out",
+                "use fp16 or int8 for the downlink",
+            )
         if self.num_rounds < 1:
             raise InputError("num_rounds", self.num_rounds, "it must be >= 1", "use --rounds 1 or more")
         if not 0.05 <= self.task_request_interval <= 60:
@@ -87,6 +145,10 @@ class JobSpec:
                 "model": ModelConfig(**data["model"]),
                 "train": TrainConfig(**data["train"]),
                 "privacy": DPConfig(**data.get("privacy", {})),
+                "aggregation": AggregationConfig(**data.get("aggregation", {})),
+                "server_optimizer": _server_optimizer(data.get("server_optimizer", {})),
+                "uplink": CompressionConfig(**data.get("uplink", {})),
+                "downlink": CompressionConfig(**data.get("downlink", {})),
             }
         )
 
@@ -122,23 +184,83 @@ class _InstalledSiteCode:
         self._job.to_clients(self.site_executor, tasks=[TRAIN_TASK])
 
 
-class HospitalFedAvgRecipe(_InstalledSiteCode, FedAvgRecipe):
-    pass
+class HospitalRecipe(_InstalledSiteCode, FedAvgRecipe):
+    """FLARE's FedAvg recipe whose controller follows the JobSpec: FedAvg, FedProx, FedOpt or
+    SCAFFOLD (FLARE's own controllers, with the job's round policy). ``_create_controller`` and
+    ``_get_controller_kwargs`` are the hooks FLARE's recipe offers for exactly this."""
+
+    def __init__(self, spec: JobSpec, **kwargs):
+        self.spec = spec  # read by the hooks below, which run inside FedAvgRecipe.__init__
+        super().__init__(**kwargs)
+
+    def _setup_model_and_persistor(self, job) -> str:
+        self._building_job = job
+        return super()._setup_model_and_persistor(job)
+
+    def _get_controller_kwargs(self) -> dict:
+        return {"fedprox_mu": self.spec.fedprox_mu} if self.spec.algorithm == "fedprox" else {}
+
+    def _create_controller(self, persistor_id: str, model_params, model_aggregator):
+        spec = self.spec
+        policy = dict(
+            min_responses=spec.min_clients, round_timeout=spec.round_timeout, wait_after_min=spec.wait_after_min
+        )
+        if spec.algorithm == "scaffold":
+            return RoundPolicyScaffold(
+                num_clients=spec.num_sites,
+                num_rounds=spec.num_rounds,
+                persistor_id=persistor_id,
+                aggregator=model_aggregator,
+                **policy,
+            )
+        kwargs = dict(
+            num_clients=spec.num_sites,
+            num_rounds=spec.num_rounds,
+            persistor_id=persistor_id,
+            model=model_params,
+            aggregator=model_aggregator,
+            task_name=TRAIN_TASK,
+            **self._get_controller_kwargs(),
+            **policy,
+        )
+        if spec.algorithm == "fedopt":
+            # FLARE's FedOpt steps a torch copy of the model, found by component id.
+            self._building_job.to_server(_model_of(spec), id="fedopt_model")
+            return RoundPolicyFedOpt(
+                source_model="fedopt_model",
+                # config_type "dict": FLARE builds these at run time, once the model's parameters exist
+                optimizer_args={**spec.server_optimizer.flare_optimizer_args(), "config_type": "dict"},
+                # constant server learning rate (FLARE's default is a 3-round cosine)
+                lr_scheduler_args={
+                    "path": "torch.optim.lr_scheduler.ConstantLR",
+                    "args": {"factor": 1.0},
+                    "config_type": "dict",
+                },
+                device="cpu",
+                **kwargs,
+            )
+        return RoundPolicyFedAvg(**kwargs)
 
 
-class HospitalFedProxRecipe(_InstalledSiteCode, FedProxRecipe):
-    pass
+def _model_of(spec: JobSpec) -> CXRClassifier:
+    return CXRClassifier(spec.model.arch, spec.model.task, spec.model.image_size)
+
+
+def _server_optimizer(data: dict) -> ServerOptimizerConfig:
+    return ServerOptimizerConfig(**{**data, **({"betas": tuple(data["betas"])} if "betas" in data else {})})
 
 
 def build_recipe(spec: JobSpec) -> Recipe:
     """A FLARE recipe for ``spec``, ready for SimEnv / PocEnv / ProdEnv or export."""
-    common = dict(
+    recipe = HospitalRecipe(
+        spec,
         name=spec.name,
-        model=CXRClassifier(spec.model.arch, spec.model.task, spec.model.image_size),
-        min_clients=spec.num_sites,
+        model=_model_of(spec),
+        min_clients=spec.min_clients or spec.num_sites,
         num_rounds=spec.num_rounds,
         train_script=_NO_SCRIPT,
-        aggregator=SampleWeightedAggregator(
+        aggregator=UpdateAggregator(
+            aggregation=dataclasses.asdict(spec.aggregation),
             central_dp=dataclasses.asdict(spec.privacy) if spec.privacy.mechanism == "client-central" else None,
             num_rounds=spec.num_rounds,
         ),
@@ -146,12 +268,14 @@ def build_recipe(spec: JobSpec) -> Recipe:
         key_metric="train_loss" if spec.privacy.enabled else "val_auc",
         key_metric_mode="min" if spec.privacy.enabled else "max",
     )
-    if spec.algorithm == "fedprox":
-        recipe = HospitalFedProxRecipe(fedprox_mu=spec.fedprox_mu, **common)
-    else:
-        recipe = HospitalFedAvgRecipe(**common)
     recipe.site_executor = CXRTrainExecutor(**spec.executor_args())
     recipe.add_server_config({"server": {"task_request_interval": spec.task_request_interval}})
+    if spec.uplink.enabled:
+        recipe.add_client_output_filter(CompressUpdate(**dataclasses.asdict(spec.uplink)), tasks=[TRAIN_TASK])
+        recipe.add_server_input_filter(DecompressUpdate(), tasks=[TRAIN_TASK])
+    if spec.downlink.enabled:
+        recipe.add_server_output_filter(CompressUpdate(**dataclasses.asdict(spec.downlink)), tasks=[TRAIN_TASK])
+        recipe.add_client_input_filter(DecompressUpdate(), tasks=[TRAIN_TASK])
     # hospital_fl is installed at every site: reference it, never copy it into app/custom.
     recipe._job.set_app_packages(["hospital_fl"])
     return recipe
@@ -160,6 +284,20 @@ def build_recipe(spec: JobSpec) -> Recipe:
 STANDARD_JOBS = {
     "cxr_fedavg": JobSpec(name="cxr_fedavg", algorithm="fedavg"),
     "cxr_fedprox": JobSpec(name="cxr_fedprox", algorithm="fedprox"),
+    "cxr_fedopt": JobSpec(name="cxr_fedopt", algorithm="fedopt"),
+    "cxr_scaffold": JobSpec(name="cxr_scaffold", algorithm="scaffold"),
+    # Robust to one faulty or malicious hospital and to one that is down or slow: the norm
+    # screen plus a coordinate-wise trimmed mean, rounds that close with 4 of 5 sites (10
+    # minutes at most, 30 s of grace for the fifth), int8 updates on the uplink.
+    "cxr_robust": JobSpec(
+        name="cxr_robust",
+        algorithm="fedavg",
+        aggregation=AggregationConfig(rule="trimmed_mean", trim=1),
+        min_clients=4,
+        round_timeout=600,
+        wait_after_min=30,
+        uplink=CompressionConfig("int8"),
+    ),
     # Sample-level DP-SGD at every site, epsilon 8 over the whole job (delta 1e-5).
     "cxr_fedavg_dp": JobSpec(name="cxr_fedavg_dp", algorithm="fedavg", privacy=DPConfig("sample", 8.0)),
 }
@@ -202,11 +340,23 @@ def read_job_folder(job_dir: str | Path) -> JobSpec:
             "its sites must run hospital_fl.flare.executor.CXRTrainExecutor",
             "pass a CXR job such as jobs/cxr_fedavg",
         )
-    args, controller = executors[0]["args"], server["workflows"][0]["args"]
+    args = executors[0]["args"]
+    workflow = server["workflows"][0]
+    controller, kind = workflow["args"], workflow["path"].rsplit(".", 1)[-1]
     mu = controller.get("fedprox_mu")
+    algorithm = {"RoundPolicyFedOpt": "fedopt", "RoundPolicyScaffold": "scaffold"}.get(
+        kind, "fedprox" if mu else "fedavg"
+    )
+    aggregator = (controller.get("aggregator") or {}).get("args", {})
+    optimizer = (controller.get("optimizer_args") or {}).get("path", "")
+    opt_args = (controller.get("optimizer_args") or {}).get("args", {})
+    kinds = {"torch.optim.Adam": "adam", "torch.optim.SGD": "sgdm"}
+    server_optimizer = (
+        _server_optimizer({"kind": kinds.get(optimizer, "yogi"), **opt_args}) if optimizer else ServerOptimizerConfig()
+    )
     return JobSpec(
         name=job_dir.name,
-        algorithm="fedprox" if mu else "fedavg",
+        algorithm=algorithm,
         num_rounds=controller["num_rounds"],
         fedprox_mu=mu or JobSpec.fedprox_mu,
         split=SplitConfig(**args.get("split", {})),
@@ -215,7 +365,23 @@ def read_job_folder(job_dir: str | Path) -> JobSpec:
         data_path=args.get("data_path"),
         privacy=DPConfig(**(args.get("privacy") or {})),
         task_request_interval=server.get("server", {}).get("task_request_interval", 2.0),
+        aggregation=AggregationConfig(**(aggregator.get("aggregation") or {})),
+        server_optimizer=server_optimizer,
+        min_clients=controller.get("min_responses"),
+        round_timeout=controller.get("round_timeout", 0),
+        wait_after_min=controller.get("wait_after_min", 0),
+        uplink=_codec_in(client, "task_result_filters"),
+        downlink=_codec_in(server, "task_data_filters"),
     )
+
+
+def _codec_in(config: dict, section: str) -> CompressionConfig:
+    """The CompressUpdate settings a config's filter section holds (none: no compression)."""
+    for group in config.get(section, []):
+        for f in group.get("filters", []):
+            if f["path"].endswith(".CompressUpdate"):
+                return CompressionConfig(**f.get("args", {}))
+    return CompressionConfig()
 
 
 def export_standard_jobs(jobs_dir: str | Path) -> list[Path]:

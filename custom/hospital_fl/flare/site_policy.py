@@ -20,6 +20,10 @@ __all__ = ["BUNDLE_ALLOW_LIST", "allow_bundle_components", "is_allowed"]
 BUNDLE_ALLOW_LIST = (
     "hospital_fl.",
     "nvflare.app_opt.pt.file_model_persistor.PTFileModelPersistor",
+    # the FedOpt job's server optimiser and its constant learning-rate schedule
+    "torch.optim.Adam",
+    "torch.optim.SGD",
+    "torch.optim.lr_scheduler.ConstantLR",
 )
 
 
