@@ -25,6 +25,20 @@ def test_missing_data_file_fails_without_leaving_a_report(tmp_path, capsys):
     assert not (tmp_path / "ws").exists()  # no FLARE system was started
 
 
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--aggregator", "mean"], "aggregation.rule: got 'mean'; it must be one of"),
+        (["--uplink", "topk", "--topk", "2"], "compression.topk_fraction: got 2.0; it must lie in (0, 1]"),
+        (["--aggregator", "trimmed_mean", "--trim", "3"], "trimming 3 per side needs at least 7 sites per round"),
+        (["--min-clients", "9"], "min_clients: got 9; it must be an integer in 1..5"),
+    ],
+)
+def test_bad_aggregation_and_compression_options_are_refused(argv, message, capsys):
+    assert main(["demo", *argv]) == 2
+    assert message in capsys.readouterr().err
+
+
 def test_bad_sites_count_names_the_fix(capsys):
     assert main(["demo", "--sites", "1"]) == 2
     assert (
@@ -34,7 +48,13 @@ def test_bad_sites_count_names_the_fix(capsys):
 
 @pytest.mark.parametrize(
     "argv,option",
-    [(["export-jobs", "--help"], "--jobs-dir"), (["demo", "--help"], "--poc"), (["bench", "--help"], "--stock")],
+    [
+        (["export-jobs", "--help"], "--jobs-dir"),
+        (["demo", "--help"], "--poc"),
+        (["demo", "--help"], "--aggregator"),
+        (["bench", "--help"], "--stock"),
+        (["bench", "--help"], "--parts"),
+    ],
 )
 def test_help_describes_each_command(argv, option, capsys):
     with pytest.raises(SystemExit) as exit_info:

@@ -7,9 +7,13 @@ import json
 from pathlib import Path
 
 import pytest
+from hospital_fl.aggregation.strategy import AggregationConfig
+from hospital_fl.compression.codecs import CompressionConfig
+from hospital_fl.data.splits import SplitConfig
 from hospital_fl.errors import InputError
 from hospital_fl.flare.jobs import STANDARD_JOBS, JobSpec, export_standard_jobs, read_job_folder
 from hospital_fl.flare.site_policy import allow_bundle_components, is_allowed
+from hospital_fl.privacy.config import DPConfig
 
 JOBS = Path(__file__).resolve().parents[2] / "jobs"
 
@@ -55,6 +59,36 @@ def test_committed_job_folders_equal_a_fresh_export(tmp_path):
             differences += c.left_only + c.right_only + c.diff_files
             stack += c.subdirs.values()
         assert not differences, f"jobs/{job} is stale; run: hospital-fl export-jobs --jobs-dir jobs"
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        (dict(min_clients=6), "min_clients: got 6; it must be an integer in 1..5 (the job's sites)"),
+        (
+            dict(min_clients=2, aggregation=AggregationConfig(rule="trimmed_mean", trim=1)),
+            "min_clients: got 2; trimming 1 per side needs at least 3 sites per round",
+        ),
+        (
+            dict(split=SplitConfig(num_sites=4), aggregation=AggregationConfig(rule="krum", byzantine=1)),
+            "min_clients: got 4; krum tolerating 1 faulty site(s) needs at least 5 sites per round",
+        ),
+        (dict(round_timeout=-1), "round_timeout: got -1; it must be a whole number of seconds >= 0"),
+        (dict(downlink=CompressionConfig("topk")), "downlink.codec: got 'topk'; the server sends full weights"),
+        (
+            dict(algorithm="scaffold", aggregation=AggregationConfig(rule="median")),
+            "aggregation.rule: got 'median'; FLARE's SCAFFOLD controller averages",
+        ),
+        (
+            dict(algorithm="scaffold", privacy=DPConfig("sample", 8.0)),
+            "algorithm: got 'scaffold'; SCAFFOLD's control variates leave the site without DP accounting",
+        ),
+    ],
+)
+def test_job_settings_that_cannot_work_are_refused_with_the_fix(kwargs, message):
+    with pytest.raises(InputError) as err:
+        JobSpec(**kwargs)
+    assert message in str(err.value) and "Fix:" in str(err.value)
 
 
 def test_fedprox_without_mu_is_refused():

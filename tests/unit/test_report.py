@@ -59,10 +59,11 @@ def test_report_carries_the_contract_keys_and_ranks_models(federated_data):
                     "accepted": True,
                     "n_samples": len(s.train),
                     "train_seconds": 1.0,
-                    "payload_bytes": 1000,
+                    "payload_bytes": 1000 + 100 * i,
+                    "uncompressed_bytes": 4000,
                     "metrics": {"test_auc": 0.9},
                 }
-                for s in federated_data.sites
+                for i, s in enumerate(federated_data.sites)
             ],
         }
     ]
@@ -77,13 +78,16 @@ def test_report_carries_the_contract_keys_and_ranks_models(federated_data):
         local_only={s.name: _scores(federated_data, 1, rng) for s in federated_data.sites},
         history=history,
         wall_seconds=10.0,
-        settings={},
+        settings={"uplink": "int8"},
     )
 
     assert CONTRACT_KEYS <= set(report)
     assert report["timing"]["overhead_ratio"] == 10.0  # wall / slowest site per round (1 s)
     assert report["timing"]["client_train_seconds"] == 5.0
-    assert report["communication"]["bytes_per_round_per_site"] == 1000
+    comm = report["communication"]
+    assert comm["bytes_per_round_per_site"] == 1200 and comm["uncompressed_bytes_per_round_per_site"] == 4000
+    assert comm["per_site_bytes_per_round"] == {s.name: 1000 + 100 * i for i, s in enumerate(federated_data.sites)}
+    assert comm["uplink"] == "int8" and "(uplink int8; uncompressed 0.004 MB)" in render_markdown(report)
     assert report["federated"]["auc"] > report["local_only"]["best_auc"]
     assert report["federated"]["auc_ci95"][0] < report["federated"]["auc"] < report["federated"]["auc_ci95"][1]
     assert {"name", "n_train", "n_test", "positive_fraction", "auc", "auc_local_only"} <= set(report["sites"][0])
