@@ -278,7 +278,7 @@ def plot_aggregation(result: dict, path: str | Path) -> Path:
         ax.set_title(title)
         if result.get("fedavg_alpha0.5_no_attack_auc"):
             ax.axhline(result["fedavg_alpha0.5_no_attack_auc"], color="k", ls="--", lw=1, label="FedAvg, alpha 0.5")
-        ax.legend(fontsize=7, ncol=2)
+        ax.legend(fontsize=7, ncol=2, loc="lower left")
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

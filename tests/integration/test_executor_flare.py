@@ -11,6 +11,7 @@ from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import Shareable
 from nvflare.apis.signal import Signal
 from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
+from nvflare.app_common.app_constant import AlgorithmConstants
 from nvflare.app_common.utils.fl_model_utils import FLModelUtils
 
 pytestmark = pytest.mark.integration
@@ -30,23 +31,24 @@ def _task(weights, meta=None):
     )
 
 
-def _drift(reply, start):
+def _drift(reply):
+    """Squared distance the site moved from the global model (the reply is the difference)."""
     params = FLModelUtils.from_shareable(reply).params
-    return sum(float(((np.asarray(params[k]) - start[k]) ** 2).sum()) for k in start)
+    return sum(float((np.asarray(v) ** 2).sum()) for v in params.values())
 
 
-def test_train_task_returns_weights_sample_count_and_metrics():
+def test_train_task_returns_the_difference_sample_count_and_metrics():
     executor = CXRTrainExecutor(train=FAST)
     start = get_weights(build_cxr_model())
 
     reply = executor.execute("train", _task(start), _ctx("site-3"), Signal())
 
     result = FLModelUtils.from_shareable(reply)
-    assert result.params_type == ParamsType.FULL and set(result.params) == set(start)
+    assert result.params_type == ParamsType.DIFF and set(result.params) == set(start)
     assert result.meta[FLMetaKey.NUM_STEPS_CURRENT_ROUND] == result.meta["n_samples"] == 151
     assert result.current_round == 1
     assert {"val_auc", "test_auc", "train_loss"} <= set(result.metrics)
-    assert _drift(reply, start) > 0
+    assert _drift(reply) > 0
 
 
 def test_fedprox_mu_sent_by_the_server_holds_the_site_near_the_global_model():
@@ -56,7 +58,27 @@ def test_fedprox_mu_sent_by_the_server_holds_the_site_near_the_global_model():
     plain = executor.execute("train", _task(start), _ctx("site-2"), Signal())
     prox = executor.execute("train", _task(start, {"fedprox_mu": 10.0}), _ctx("site-2"), Signal())
 
-    assert _drift(prox, start) < 0.5 * _drift(plain, start)
+    assert _drift(prox) < 0.5 * _drift(plain)
+
+
+def test_under_scaffold_the_site_keeps_its_control_and_returns_its_change():
+    executor = CXRTrainExecutor(train=FAST)
+    start = get_weights(build_cxr_model())
+    zeros = {k: np.zeros_like(v) for k, v in start.items()}
+
+    first = FLModelUtils.from_shareable(
+        executor.execute(
+            "train", _task(start, {AlgorithmConstants.SCAFFOLD_CTRL_GLOBAL: zeros}), _ctx("site-2"), Signal()
+        )
+    )
+    delta = first.meta[AlgorithmConstants.SCAFFOLD_CTRL_DIFF]
+    assert set(delta) == set(start) and any(np.abs(v).sum() > 0 for v in delta.values())
+    kept = {k: v.copy() for k, v in executor._control.items()}
+    for k in delta:  # the site starts from zero, so its control equals the first change
+        np.testing.assert_allclose(kept[k], delta[k], rtol=1e-6)
+    # a plain FedAvg task leaves the control untouched and returns none
+    plain = FLModelUtils.from_shareable(executor.execute("train", _task(start), _ctx("site-2"), Signal()))
+    assert AlgorithmConstants.SCAFFOLD_CTRL_DIFF not in plain.meta
 
 
 def test_other_tasks_are_declined_and_unknown_sites_named():
