@@ -28,6 +28,12 @@ def _add_job_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--byzantine", type=int, default=1, help="krum/multi_krum: faulty sites tolerated (default 1)")
     p.add_argument("--min-clients", type=int, default=None, help="updates a round needs (default: every site)")
     p.add_argument("--round-timeout", type=int, default=0, help="seconds a round may wait (default 0: no limit)")
+    p.add_argument(
+        "--wait-after-min",
+        type=int,
+        default=30,
+        help="grace seconds for the other sites once --min-clients have answered (default 30)",
+    )
     p.add_argument("--uplink", default="none", help="update compression site -> server: none, fp16, int8 or topk")
     p.add_argument("--topk", type=float, default=0.01, help="top-k: share of values sent (default 0.01)")
     p.add_argument("--downlink", default="none", help="model compression server -> site: none, fp16 or int8")
@@ -85,6 +91,7 @@ def _spec_from_args(args, torch_threads: int = 0):
         aggregation=AggregationConfig(rule=args.aggregator, trim=args.trim, byzantine=args.byzantine),
         min_clients=args.min_clients,
         round_timeout=args.round_timeout,
+        wait_after_min=args.wait_after_min,
         uplink=CompressionConfig(args.uplink, topk_fraction=args.topk),
         downlink=CompressionConfig(args.downlink),
     )
