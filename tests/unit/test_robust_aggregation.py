@@ -77,6 +77,14 @@ def test_a_round_rejects_bad_updates_with_reasons_and_aggregates_the_rest():
     np.testing.assert_allclose(result.update["w"], [(100 + 900 + 200) / 500] * 2)
 
 
+def test_a_site_with_an_odd_layout_arriving_first_cannot_get_the_others_rejected():
+    odd = {"w": np.ones(2, np.float32), "backdoor": np.ones(3, np.float32)}
+    honest = [{"w": np.full(2, v, np.float32)} for v in (1.0, 2.0, 3.0)]
+    result = aggregate_round(AggregationConfig(), [odd, *honest], [10, 10, 10, 10])
+    assert list(result.rejected) == [0] and "does not have (e.g. ['backdoor'])" in result.rejected[0]
+    np.testing.assert_allclose(result.update["w"], [2.0, 2.0])
+
+
 def test_a_round_with_too_few_updates_for_the_rule_keeps_the_model():
     cfg = AggregationConfig(rule="trimmed_mean", trim=1)
     ups = [{"w": np.ones(2, np.float32)}, {"w": np.full(2, np.inf, np.float32)}, {"w": np.ones(2, np.float32)}]

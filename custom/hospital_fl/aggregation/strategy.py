@@ -7,6 +7,7 @@ rest with the configured rule. It never raises on a site's bad update; it report
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -117,16 +118,15 @@ def aggregate_round(
         updates: each site's difference to the global model.
         n_samples: each site's claimed training samples (the FedAvg weight).
         reference: the global model (names, shapes, dtypes every update must match); None
-            checks every update against the first acceptable one.
+            checks every update against the layout most updates share, so one site sending
+            odd names or shapes cannot get the others rejected by arriving first.
     """
     rejected: dict[int, str] = {}
-    ref = reference
+    ref = reference if reference is not None else _majority_layout(updates)
     for i, (u, n) in enumerate(zip(updates, n_samples)):
         problem = update_problem(u, n, ref)
         if problem:
             rejected[i] = problem
-        elif ref is None:
-            ref = u
     valid = [i for i in range(len(updates)) if i not in rejected]
     norms = [update_norm(updates[i]) for i in valid]
     if cfg.outlier_factor is not None:
@@ -162,3 +162,20 @@ def aggregate_round(
         combined, picked = multi_krum(chosen, weights, cfg.byzantine, select)
         info["selected"] = [accepted[j] for j in picked]
     return RoundAggregation(combined, accepted, rejected, all_norms, info)
+
+
+def _majority_layout(updates: Sequence[Mapping[str, np.ndarray]]) -> Mapping[str, np.ndarray] | None:
+    """An update with the most common (name, shape, dtype) layout of the round."""
+
+    def layout(u):
+        try:
+            return tuple(sorted((k, np.shape(v), str(np.asarray(v).dtype)) for k, v in u.items()))
+        except (AttributeError, TypeError):  # not a mapping of arrays: never the majority's layout
+            return None
+
+    keys = [layout(u) for u in updates]
+    counts = Counter(k for k in keys if k)
+    if not counts:
+        return None
+    best = counts.most_common(1)[0][0]
+    return updates[keys.index(best)]
