@@ -132,10 +132,10 @@ class CXRTrainExecutor(Executor):
         c_global = meta.get(AlgorithmConstants.SCAFFOLD_CTRL_GLOBAL)
         if c_global is None:
             return None
-        trainable = {k for k, _ in build_cxr_model(self.model_cfg).named_parameters()}
-        c_global = {k: np.asarray(v, dtype=np.float32) for k, v in c_global.items() if k in trainable}
-        if self._control is None:
-            self._control = {k: np.zeros_like(v) for k, v in c_global.items()}
+        if self._control is None:  # first SCAFFOLD round: which weights carry a control
+            trainable = {k for k, _ in build_cxr_model(self.model_cfg).named_parameters()}
+            self._control = {k: np.zeros_like(v, dtype=np.float32) for k, v in c_global.items() if k in trainable}
+        c_global = {k: np.asarray(c_global[k], dtype=np.float32) for k in self._control}
         return c_global, self._control
 
     def execute(self, task_name: str, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
