@@ -10,16 +10,14 @@ without FLARE.
 from __future__ import annotations
 
 import dataclasses
-import os
-import platform
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from hospital_fl.data.federated import load_federated
 from hospital_fl.demo import DemoConfig, co_located_threads, run_demo
 from hospital_fl.evaluation.federated_loop import run_federated_in_process
+from hospital_fl.evaluation.machine import machine_info
 from hospital_fl.flare.jobs import JobSpec
 
 __all__ = ["run_benchmark", "time_without_flare"]
@@ -86,7 +84,7 @@ def run_benchmark(spec: JobSpec, seeds: list[int], workspace: Path, stock: bool 
             "arch": spec.model.arch,
             "seeds": seeds,
         },
-        "machine": {"cpus": os.cpu_count(), "cuda": torch.cuda.is_available(), "python": platform.python_version()},
+        "machine": machine_info(),
         "mean": mean,
         "per_seed": per_seed,
         "federated_minus_centralized": mean["federated_auc"] - mean["centralized_auc"],

@@ -20,13 +20,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import platform
 import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from hospital_fl.aggregation.server_optimizer import ServerOptimizerConfig
 from hospital_fl.aggregation.strategy import AggregationConfig, aggregate_round
@@ -35,10 +32,11 @@ from hospital_fl.data.federated import load_federated
 from hospital_fl.data.splits import SplitConfig
 from hospital_fl.evaluation.attacks import ATTACKS, Attack
 from hospital_fl.evaluation.federated_loop import run_federated_in_process
+from hospital_fl.evaluation.machine import machine_info
+from hospital_fl.evaluation.scoring import model_aucs
 from hospital_fl.models.cxr import ModelConfig, build_cxr_model
 from hospital_fl.training.config import TrainConfig
-from hospital_fl.training.loops import get_weights, predict_proba
-from hospital_fl.training.metrics import rank_auc
+from hospital_fl.training.loops import get_weights
 
 __all__ = ["PARTS", "run_aggregation_benchmark", "summarize", "aggregation_seconds", "plot_aggregation"]
 
@@ -100,12 +98,12 @@ def _run_point(point: dict, seed: int, rounds: int, split: SplitConfig, model_cf
     run = run_federated_in_process(
         data, model_cfg, dataclasses.replace(train_cfg, seed=seed), rounds, attack=attack, **settings
     )
-    held = data.held_out_test
+    auc, site_aucs = model_aucs(run.model, data)
     return {
         **point,
         "seed": seed,
-        "auc": rank_auc(predict_proba(run.model, held.images), held.labels),
-        "site_aucs": {s.name: rank_auc(predict_proba(run.model, s.test.images), s.test.labels) for s in data.sites},
+        "auc": auc,
+        "site_aucs": site_aucs,
         "seconds": run.seconds,
         "bytes_per_round_per_site": run.bytes_per_round_per_site,
         "uncompressed_bytes_per_round_per_site": run.uncompressed_bytes_per_round_per_site,
@@ -239,7 +237,7 @@ def summarize(rows: list[dict], seeds: list[int], rounds: int, train_cfg: TrainC
             "attacker": "site-1 (index 0); scale x50, sign_flip -1x, random N(0,1), label_flip 1-y",
             "runtime": "in-process federation (the FLARE job's site and server functions)",
         },
-        "machine": {"cpus": os.cpu_count(), "cuda": torch.cuda.is_available(), "python": platform.python_version()},
+        "machine": machine_info(),
         "fedavg_alpha0.5_no_attack_auc": reference,
         "noniid_auc": noniid,
         "attack_auc": attack,
@@ -253,10 +251,9 @@ def summarize(rows: list[dict], seeds: list[int], rounds: int, train_cfg: TrainC
 
 def plot_aggregation(result: dict, path: str | Path) -> Path:
     """Two panels: AUC by method per alpha, and AUC by rule per attack."""
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    from hospital_fl.evaluation.plots import save_figure
 
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
     for ax, table, title in (
@@ -279,9 +276,4 @@ def plot_aggregation(result: dict, path: str | Path) -> Path:
         if result.get("fedavg_alpha0.5_no_attack_auc"):
             ax.axhline(result["fedavg_alpha0.5_no_attack_auc"], color="k", ls="--", lw=1, label="FedAvg, alpha 0.5")
         ax.legend(fontsize=7, ncol=2, loc="lower left")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

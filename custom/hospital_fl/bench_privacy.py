@@ -10,30 +10,23 @@ an epsilon-vs-AUC plot. Run: ``hospital-fl bench privacy``.
 from __future__ import annotations
 
 import dataclasses
-import os
-import platform
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from hospital_fl.data.federated import load_federated
 from hospital_fl.data.splits import SplitConfig
 from hospital_fl.evaluation.federated_loop import run_federated_in_process
+from hospital_fl.evaluation.machine import machine_info
+from hospital_fl.evaluation.scoring import model_aucs
 from hospital_fl.models.cxr import ModelConfig
 from hospital_fl.privacy.config import DPConfig
 from hospital_fl.training.config import TrainConfig
-from hospital_fl.training.loops import predict_proba
-from hospital_fl.training.metrics import rank_auc
 
 __all__ = ["run_privacy_benchmark", "TARGET_DROP"]
 
 # Issue targets: AUC drop against the non-private federated model.
 TARGET_DROP = {8.0: 0.02, 3.0: 0.04}
-
-
-def _held_out_auc(model, data) -> float:
-    return rank_auc(predict_proba(model, data.held_out_test.images), data.held_out_test.labels)
 
 
 def run_privacy_benchmark(
@@ -56,15 +49,14 @@ def run_privacy_benchmark(
         for mechanism, eps in points:
             dp = dataclasses.replace(dp_template, mechanism=mechanism, target_epsilon=eps or 1.0)
             run = run_federated_in_process(data, model_cfg, tcfg, rounds, dp)
+            auc, site_aucs = model_aucs(run.model, data)
             rows.append(
                 {
                     "seed": seed,
                     "mechanism": mechanism,
                     "target_epsilon": eps,
-                    "auc": _held_out_auc(run.model, data),
-                    "site_aucs": {
-                        s.name: rank_auc(predict_proba(run.model, s.test.images), s.test.labels) for s in data.sites
-                    },
+                    "auc": auc,
+                    "site_aucs": site_aucs,
                     "train_seconds_per_round": float(np.mean(run.train_seconds_per_round)),
                     "site_seconds_per_round": float(np.mean(run.site_seconds_per_round)),
                     "privacy": run.privacy,
@@ -120,7 +112,7 @@ def summarize_privacy_benchmark(rows, seeds, epsilons, mechanisms, rounds, train
             "accountant": dp_template.accountant,
             "runtime": "in-process federation (the FLARE job's site and server functions)",
         },
-        "machine": {"cpus": os.cpu_count(), "cuda": torch.cuda.is_available(), "python": platform.python_version()},
+        "machine": machine_info(),
         "non_private_auc": baseline_auc,
         "non_private_auc_per_seed": [r["auc"] for r in rows if r["mechanism"] == "none"],
         "table": table,
@@ -131,10 +123,9 @@ def summarize_privacy_benchmark(rows, seeds, epsilons, mechanisms, rounds, train
 
 
 def plot_epsilon_auc(result: dict, path: str | Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    from hospital_fl.evaluation.plots import save_figure
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for mech in sorted({t["mechanism"] for t in result["table"]}):
@@ -149,9 +140,4 @@ def plot_epsilon_auc(result: dict, path: str | Path) -> Path:
     ax.set_ylabel("held-out test AUC (mean over seeds)")
     ax.set_title("Federated pneumonia detection: privacy vs utility")
     ax.legend()
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

@@ -178,18 +178,34 @@ def _cmd_bench(args) -> int:
     return 0
 
 
-def _bench_privacy(args) -> int:
-    import dataclasses
+def _run_in_process_bench(args, default_out: str, run, plot, plot_name: str) -> int:
+    """Run a benchmark under a progress bar; write its JSON and plot; print it without the runs.
 
+    ``run(spec, out, progress)`` returns the result; ``plot(result, path)`` draws it.
+    """
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from hospital_fl.bench_privacy import plot_epsilon_auc, run_privacy_benchmark
-
     spec = _spec_from_args(args)
+    out = Path(args.out if args.out != "out/bench.json" else default_out)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=Console(stderr=True)) as progress:
-        result = run_privacy_benchmark(
+        result = run(spec, out, progress)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+    plot(result, out.with_name(plot_name))
+    brief = {k: v for k, v in result.items() if k != "runs"}
+    print(json.dumps(brief) if args.json else json.dumps(brief, indent=2))
+    return 0
+
+
+def _bench_privacy(args) -> int:
+    import dataclasses
+
+    from hospital_fl.bench_privacy import plot_epsilon_auc, run_privacy_benchmark
+
+    def run(spec, out, progress):
+        return run_privacy_benchmark(
             seeds=args.seeds,
             epsilons=args.epsilons,
             mechanisms=args.mechanisms,
@@ -200,28 +216,17 @@ def _bench_privacy(args) -> int:
             dp_template=dataclasses.replace(spec.privacy, delta=args.dp_delta),
             progress=progress,
         )
-    out = Path(args.out if args.out != "out/bench.json" else "out/privacy_bench.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
-    plot_epsilon_auc(result, out.with_name("epsilon_auc.png"))
-    brief = {k: v for k, v in result.items() if k != "runs"}
-    print(json.dumps(brief) if args.json else json.dumps(brief, indent=2))
-    return 0
+
+    return _run_in_process_bench(args, "out/privacy_bench.json", run, plot_epsilon_auc, "epsilon_auc.png")
 
 
 def _bench_aggregation(args) -> int:
     import dataclasses
 
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
     from hospital_fl.bench_aggregation import plot_aggregation, run_aggregation_benchmark
 
-    spec = _spec_from_args(args)
-    out = Path(args.out if args.out != "out/bench.json" else "out/aggregation_bench.json")
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=Console(stderr=True)) as progress:
-        result = run_aggregation_benchmark(
+    def run(spec, out, progress):
+        return run_aggregation_benchmark(
             seeds=args.seeds,
             parts=args.parts,
             rounds=spec.num_rounds,
@@ -231,12 +236,8 @@ def _bench_aggregation(args) -> int:
             runs_file=out.with_name(out.stem + "_runs.jsonl"),
             progress=progress,
         )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
-    plot_aggregation(result, out.with_name("aggregation_auc.png"))
-    brief = {k: v for k, v in result.items() if k != "runs"}
-    print(json.dumps(brief) if args.json else json.dumps(brief, indent=2))
-    return 0
+
+    return _run_in_process_bench(args, "out/aggregation_bench.json", run, plot_aggregation, "aggregation_auc.png")
 
 
 def _cmd_privacy_init(args) -> int:

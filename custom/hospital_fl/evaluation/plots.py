@@ -15,7 +15,10 @@ from hospital_fl.training.metrics import roc_curve  # noqa: E402
 __all__ = ["plot_roc", "plot_rounds", "plot_sites"]
 
 
-def _save(fig, path: Path) -> Path:
+def save_figure(fig, path: str | Path) -> Path:
+    """Lay out, write (creating the folder) and close ``fig``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -31,7 +34,7 @@ def plot_roc(curves: dict[str, tuple[np.ndarray, np.ndarray]], labels: np.ndarra
     ax.plot([0, 1], [0, 1], ls=":", c="grey")
     ax.set(xlabel="1 - specificity", ylabel="sensitivity", title="ROC on the held-out test split")
     ax.legend(loc="lower right", fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_rounds(report: dict, path: Path) -> Path:
@@ -48,7 +51,7 @@ def plot_rounds(report: dict, path: Path) -> Path:
     ax.axhline(report["centralized"]["auc"], c="C2", ls=":", label="centralized (held-out test)")
     ax.set(xlabel="round", ylabel="AUC", title="Global model AUC per round", ylim=(0.4, 1.0))
     ax.legend(fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_sites(report: dict, path: Path) -> Path:
@@ -63,4 +66,4 @@ def plot_sites(report: dict, path: Path) -> Path:
     ax.set_xticks(x, [f"{s['name']}\n(n={s['n_train']}, {s['positive_fraction']:.0%} pos)" for s in sites], fontsize=8)
     ax.set(ylabel="AUC on the site's local test", ylim=(0.5, 1.0), title="Per-hospital AUC")
     ax.legend(fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)

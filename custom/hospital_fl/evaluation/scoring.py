@@ -9,9 +9,9 @@ import torch
 
 from hospital_fl.data.federated import FederatedDataset
 from hospital_fl.training.loops import predict_proba
-from hospital_fl.training.metrics import binary_metrics, bootstrap_auc_ci
+from hospital_fl.training.metrics import binary_metrics, bootstrap_auc_ci, rank_auc
 
-__all__ = ["ModelScores", "score_model", "summarize"]
+__all__ = ["ModelScores", "score_model", "model_aucs", "summarize"]
 
 
 @dataclass(frozen=True)
@@ -27,6 +27,13 @@ def score_model(model: torch.nn.Module, data: FederatedDataset, device: str = "a
         held_out=predict_proba(model, data.held_out_test.images, device),
         per_site={s.name: predict_proba(model, s.test.images, device) for s in data.sites},
     )
+
+
+def model_aucs(model: torch.nn.Module, data: FederatedDataset) -> tuple[float, dict[str, float]]:
+    """AUC on the held-out test split, and on each site's local test portion."""
+    scores = score_model(model, data)
+    held = rank_auc(scores.held_out, data.held_out_test.labels)
+    return held, {s.name: rank_auc(scores.per_site[s.name], s.test.labels) for s in data.sites}
 
 
 def summarize(probs: np.ndarray, labels: np.ndarray, n_boot: int = 1000) -> dict:
