@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from hospital_fl.cli_site import add_site_commands
 from hospital_fl.errors import InputError
 
 __all__ = ["main"]
@@ -166,6 +167,8 @@ def _cmd_bench(args) -> int:
         return _bench_privacy(args)
     if args.suite == "aggregation":
         return _bench_aggregation(args)
+    if args.suite == "ingest":
+        return _bench_ingest(args)
     from hospital_fl.bench import run_benchmark
 
     spec = _spec_from_args(args)
@@ -240,6 +243,21 @@ def _bench_aggregation(args) -> int:
     return _run_in_process_bench(args, "out/aggregation_bench.json", run, plot_aggregation, "aggregation_auc.png")
 
 
+def _bench_ingest(args) -> int:
+    from rich.console import Console
+    from rich.progress import Progress
+
+    from hospital_fl.bench_ingest import run_ingest_benchmark
+
+    with Progress(console=Console(stderr=True)) as progress:
+        result = run_ingest_benchmark(Path(args.workspace) / "ingest", copies=args.copies, progress=progress)
+    out = Path(args.out if args.out != "out/bench.json" else "out/ingest_bench.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+    print(json.dumps(result) if args.json else json.dumps(result, indent=2))
+    return 0
+
+
 def _cmd_privacy_init(args) -> int:
     from hospital_fl.privacy.policy import SitePrivacyPolicy
     from hospital_fl.privacy.setup import init_site_privacy
@@ -307,7 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="benchmarks printing JSON: cxr (federated vs centralized vs local-only, FLARE overhead) "
         "or privacy (AUC vs epsilon)",
     )
-    bench.add_argument("suite", nargs="?", default="cxr", choices=["cxr", "privacy", "aggregation"])
+    bench.add_argument("suite", nargs="?", default="cxr", choices=["cxr", "privacy", "aggregation", "ingest"])
     _add_job_options(bench)
     bench.add_argument("--epsilons", type=float, nargs="+", default=[1.0, 3.0, 8.0], help="privacy suite")
     bench.add_argument(
@@ -320,6 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["noniid", "attack", "compression", "timing"],
         help="aggregation suite: which sweeps to run (default all)",
     )
+    bench.add_argument("--copies", type=int, default=40, help="ingest suite: files per transfer syntax")
     bench.add_argument("--json", action="store_true", help="print the summary as one JSON line")
     bench.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     bench.add_argument("--stock", action="store_true", help="also time stock NVFlare FedAvgRecipe on the same work")
@@ -340,6 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
     report = psub.add_parser("report", help="epsilon spent per job and in total, from the site's ledger")
     report.add_argument("site_home")
     report.set_defaults(func=_cmd_privacy_report, command="privacy report")
+    add_site_commands(sub)
     return parser
 
 

@@ -23,7 +23,9 @@ from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 from nvflare.app_common.app_constant import AlgorithmConstants
 from nvflare.app_common.utils.fl_model_utils import FLModelUtils
 
-from hospital_fl.data.federated import FederatedDataset, load_federated
+from hospital_fl.data.federated import SiteData, load_federated
+from hospital_fl.data.ingest.labels import CXR14_FINDINGS
+from hospital_fl.data.ingest.site_dataset import load_site_dataset, site_data_path
 from hospital_fl.data.splits import SplitConfig
 from hospital_fl.errors import InputError
 from hospital_fl.flare.privacy_gate import SitePrivacyGate, open_gate
@@ -52,6 +54,10 @@ class CXRTrainExecutor(Executor):
         model: ModelConfig fields (must match the server's initial model).
         train: TrainConfig fields (local epochs per round, optimiser, device, AMP).
         data_path: a MedMNIST-layout .npz instead of the embedded dataset.
+        site_data: the site's own dataset folder made by ``hospital-fl ingest`` (manifest.json +
+            images.npy) instead of the embedded dataset; "{site}" is replaced by this
+            site's FLARE name and "${VAR}" by the site's environment variable. Consent is re-checked against the site's registry when the
+            job starts, and the job's use of each patient is recorded at the site.
         privacy: DPConfig fields (mechanism "none" by default).
         num_rounds: the job's rounds, which a DP job's noise and planned spend cover; a
             task announcing more rounds is refused.
@@ -65,6 +71,7 @@ class CXRTrainExecutor(Executor):
         data_path: str | None = None,
         privacy: dict | None = None,
         num_rounds: int | None = None,
+        site_data: str | None = None,
     ):
         super().__init__()
         # Kept under the argument names: FLARE's job export reads them back into the config.
@@ -77,8 +84,9 @@ class CXRTrainExecutor(Executor):
         if self.dp_cfg.enabled and not (isinstance(num_rounds, int) and num_rounds >= 1):
             raise InputError("num_rounds", num_rounds, "a DP job must declare its rounds", "export the job again")
         self.data_path = data_path
+        self.site_data = site_data
         self.num_rounds = num_rounds
-        self._data: FederatedDataset | None = None
+        self._data: SiteData | None = None
         self._site_privacy: SitePrivacy | None = None
         self._gate: SitePrivacyGate | None = None
         self._refusal: str | None = None
@@ -86,16 +94,44 @@ class CXRTrainExecutor(Executor):
 
     _always_serialize_args = ("split", "model", "train", "privacy", "num_rounds")
 
-    def _site_data(self, fl_ctx: FLContext):
+    def _site_data(self, fl_ctx: FLContext) -> SiteData:
         if self._data is None:
             if self.train_cfg.torch_threads:
                 torch.set_num_threads(self.train_cfg.torch_threads)
-            self._data = load_federated(self.split_cfg, self.data_path)
-        return self._data.site(fl_ctx.get_identity_name())
+            name = fl_ctx.get_identity_name()
+            if self.site_data:
+                loaded = load_site_dataset(
+                    site_data_path(self.site_data, name),
+                    name,
+                    task=self.model_cfg.task,
+                    image_size=self.model_cfg.image_size,
+                    label_names=CXR14_FINDINGS,
+                    job_id=fl_ctx.get_job_id() or "unknown-job",
+                )
+                self.log_info(
+                    fl_ctx,
+                    f"site data: {len(loaded.site.train)}/{len(loaded.site.val)}/{len(loaded.site.test)} "
+                    f"train/val/test images from the manifest; {len(loaded.excluded)} patients left out "
+                    f"for consent ({sorted(set(loaded.excluded.values()))}); use recorded in {loaded.usage_record}",
+                )
+                self._data = loaded.site
+            else:
+                self._data = load_federated(self.split_cfg, self.data_path).site(name)
+        return self._data
 
     def handle_event(self, event_type: str, fl_ctx: FLContext) -> None:
         if event_type == EventType.START_RUN:
-            self._open_privacy_gate(fl_ctx)
+            self._prepare(fl_ctx)
+
+    def _prepare(self, fl_ctx: FLContext) -> None:
+        """Load the site's data (re-checking consent) and open the privacy gate, before any task."""
+        try:
+            self._site_data(fl_ctx)
+        except (InputError, ValueError) as err:
+            self._refusal = f"site data refused this job at {fl_ctx.get_identity_name()}: {err}"
+            self.log_error(fl_ctx, self._refusal)
+            return
+        self._open_privacy_gate(fl_ctx)
 
     def _open_privacy_gate(self, fl_ctx: FLContext) -> None:
         """Before any training: the site's policy must allow the job and its budget cover it."""
@@ -142,7 +178,7 @@ class CXRTrainExecutor(Executor):
         if task_name != TRAIN_TASK:
             return make_reply(ReturnCode.TASK_UNKNOWN)
         if self._gate is None and self._refusal is None:  # START_RUN not seen (e.g. a unit harness)
-            self._open_privacy_gate(fl_ctx)
+            self._prepare(fl_ctx)
         if self._refusal is not None:
             return make_reply(ReturnCode.EXECUTION_EXCEPTION)
         site = self._site_data(fl_ctx)

@@ -60,6 +60,9 @@ class JobSpec:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     data_path: str | None = None  # a MedMNIST-layout .npz at every site; None: the embedded data
+    # A dataset folder made by `hospital-fl ingest` at every site ("{site}": the client name,
+    # "${VAR}": an environment variable of the site's process); None: the embedded data.
+    site_data: str | None = None
     privacy: DPConfig = field(default_factory=DPConfig)  # mechanism "none": no DP
     # Seconds a site waits before asking the server for its next task. FLARE's default (2 s)
     # adds up to two such waits to every round; a site's poll is a few hundred bytes.
@@ -122,6 +125,13 @@ class JobSpec:
                 "the server sends full weights, which top-k would zero out",
                 "use fp16 or int8 for the downlink",
             )
+        if self.site_data and self.data_path:
+            raise InputError(
+                "site_data",
+                self.site_data,
+                "a job reads either each site's ingested dataset or a shared .npz (data_path), not both",
+                "drop --data when training on ingested site data",
+            )
         if self.num_rounds < 1:
             raise InputError("num_rounds", self.num_rounds, "it must be >= 1", "use --rounds 1 or more")
         if not 0.05 <= self.task_request_interval <= 60:
@@ -160,6 +170,7 @@ class JobSpec:
             "model": dataclasses.asdict(self.model),
             "train": dataclasses.asdict(self.train),
             "data_path": self.data_path,
+            "site_data": self.site_data,
             "privacy": dataclasses.asdict(self.privacy),
             "num_rounds": self.num_rounds,
         }
@@ -302,6 +313,13 @@ STANDARD_JOBS = {
     ),
     # Sample-level DP-SGD at every site, epsilon 8 over the whole job (delta 1e-5).
     "cxr_fedavg_dp": JobSpec(name="cxr_fedavg_dp", algorithm="fedavg", privacy=DPConfig("sample", 8.0)),
+    # Production: DenseNet-121 at 224x224 on each hospital's own ingested DICOM, found through
+    # the HOSPITAL_FL_SITE_DATA variable each site server sets (docker/ mounts it read-only).
+    "cxr_site_densenet": JobSpec(
+        name="cxr_site_densenet",
+        model=ModelConfig(arch="densenet121", image_size=224),
+        site_data="${HOSPITAL_FL_SITE_DATA}",
+    ),
 }
 
 
@@ -365,6 +383,7 @@ def read_job_folder(job_dir: str | Path) -> JobSpec:
         model=ModelConfig(**args.get("model", {})),
         train=TrainConfig(**args.get("train", {})),
         data_path=args.get("data_path"),
+        site_data=args.get("site_data"),
         privacy=DPConfig(**(args.get("privacy") or {})),
         task_request_interval=server.get("server", {}).get("task_request_interval", 2.0),
         aggregation=AggregationConfig(**(aggregator.get("aggregation") or {})),

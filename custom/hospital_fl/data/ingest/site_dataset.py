@@ -1,0 +1,164 @@
+"""A site's ingested dataset as training arrays, with consent re-checked at every training start.
+
+The manifest's records are divided into train / validation / local test by patient (a
+deterministic function of the patient pseudonym), so no patient's images are on both sides
+of an evaluation. Patients whose consent is no longer "granted" today are left out before
+anything trains, and the job's use of the remaining patients is recorded at the site.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from hospital_fl.data.federated import SiteData
+from hospital_fl.data.ingest.consent import ConsentPolicy, read_consent
+from hospital_fl.data.ingest.manifest import (
+    Manifest,
+    ManifestRecord,
+    load_images,
+    read_manifest,
+    record_usage,
+    site_secret,
+)
+from hospital_fl.data.ingest.phi import pseudonym
+from hospital_fl.data.pneumoniamnist import CXRArrays
+from hospital_fl.errors import InputError
+
+__all__ = ["SiteDataset", "consented_records", "load_site_dataset", "site_data_path", "patient_portion", "TASK_LABELS"]
+
+# Which manifest labels each model task trains on.
+TASK_LABELS = {"pneumonia": ("Pneumonia",)}
+_PORTIONS = (("train", 0.8), ("val", 0.1), ("test", 0.1))
+
+
+def site_data_path(template: str, site_name: str) -> Path:
+    """A job's site_data setting at one site: "{site}" -> the site name, "${VAR}" -> its environment.
+
+    Raises:
+        InputError: a variable the setting names is not set in the site's environment.
+    """
+    expanded = os.path.expandvars(template.replace("{site}", site_name))
+    if "$" in expanded:
+        raise InputError(
+            "site_data",
+            template,
+            f"it names an environment variable that is not set at {site_name}",
+            "set it in the site's start-up environment (e.g. HOSPITAL_FL_SITE_DATA=/data/site) or export the job "
+            "with a plain path",
+        )
+    return Path(expanded)
+
+
+def patient_portion(patient: str) -> str:
+    """ "train" | "val" | "test" for a patient pseudonym: 80/10/10 by a hash of the pseudonym."""
+    u = int.from_bytes(hashlib.sha256(f"portion|{patient}".encode()).digest()[:8], "big") / 2**64
+    edge = 0.0
+    for name, share in _PORTIONS:
+        edge += share
+        if u < edge:
+            return name
+    return _PORTIONS[-1][0]
+
+
+@dataclass(frozen=True)
+class SiteDataset:
+    site: SiteData
+    manifest: Manifest
+    excluded: dict[str, str]  # patient pseudonym -> consent status, left out at this start
+    usage_record: Path | None
+
+
+def _labels_for(manifest: Manifest, task: str, label_names: tuple[str, ...]) -> np.ndarray:
+    if task in TASK_LABELS:
+        return manifest.column(TASK_LABELS[task][0])
+    missing = [n for n in label_names if n not in manifest.label_names]
+    if missing:
+        raise InputError(
+            "task",
+            task,
+            f"the {task} task needs labels {missing} that this manifest lacks ({manifest.label_names})",
+            "ingest a ChestX-ray14 label file, or train the pneumonia task",
+        )
+    matrix = manifest.label_matrix()
+    return matrix[:, [manifest.label_names.index(n) for n in label_names]]
+
+
+def consented_records(
+    site_dir: str | Path, consent_file: str | Path | None = None, today: dt.date | None = None
+) -> tuple[Manifest, list[ManifestRecord], dict[str, str]]:
+    """The manifest, its records whose patients may be used today, and {pseudonym: status} of the rest.
+
+    Raises:
+        InputError: no manifest, no consent registry, or no consented image left.
+    """
+    site_dir = Path(site_dir)
+    manifest = read_manifest(site_dir)
+    registry_path = consent_file or manifest.consent.get("registry")
+    if not registry_path:
+        raise InputError("consent", None, "training re-checks consent and needs the registry", "pass the consent file")
+    policy = ConsentPolicy(manifest.consent.get("window_days"))
+    registry = read_consent(registry_path, today=today)
+    salt = site_secret(site_dir)
+    today = today or dt.date.today()
+    excluded = registry.unusable([r.patient for r in manifest.records], lambda p: pseudonym(p, salt), policy, today)
+    keep = [r for r in manifest.records if r.patient not in excluded]
+    if not keep:
+        raise InputError(
+            "site dataset",
+            str(site_dir),
+            f"no image is usable: all {len(manifest.records)} belong to patients without valid consent",
+            "update the consent registry or ingest more data",
+        )
+    return manifest, keep, excluded
+
+
+def load_site_dataset(
+    site_dir: str | Path,
+    site_name: str,
+    task: str = "pneumonia",
+    image_size: int | None = None,
+    label_names: tuple[str, ...] = (),
+    job_id: str | None = None,
+    consent_file: str | Path | None = None,
+    today: dt.date | None = None,
+) -> SiteDataset:
+    """Load SITE_DATA for training.
+
+    Args:
+        image_size: the model's input size; the manifest must have been made for it.
+        label_names: the labels of a multi-label task (ignored for "pneumonia").
+        job_id: when given, the job's use of these patients is recorded at the site.
+        consent_file: the registry to re-check; the one recorded at ingest when None.
+
+    Raises:
+        InputError: no manifest, a size or label mismatch, a missing consent registry, or
+            no consented images left.
+    """
+    site_dir = Path(site_dir)
+    manifest, keep, excluded = consented_records(site_dir, consent_file, today)
+    if image_size is not None and manifest.image_size != image_size:
+        raise InputError(
+            "manifest image size",
+            manifest.image_size,
+            f"the model takes {image_size}x{image_size} inputs",
+            f"ingest again with --size {image_size}, or use the model that matches",
+        )
+    images = load_images(site_dir, manifest)
+    labels = _labels_for(manifest, task, label_names)
+    portions: dict[str, list[int]] = {"train": [], "val": [], "test": []}
+    for r in keep:
+        portions[patient_portion(r.patient)].append(r.row)
+
+    def arrays(rows: list[int]) -> CXRArrays:
+        idx = np.array(sorted(rows), dtype=np.int64)
+        return CXRArrays(np.ascontiguousarray(images[idx]), labels[idx])
+
+    site = SiteData(site_name, arrays(portions["train"]), arrays(portions["val"]), arrays(portions["test"]))
+    usage = record_usage(site_dir, job_id, [r.patient for r in keep], excluded) if job_id else None
+    return SiteDataset(site, manifest, excluded, usage)

@@ -1,0 +1,147 @@
+"""A FLARE job that compares the hospitals' data before any training: covariate and label shift.
+
+Each site computes its profile from its ingested dataset (consented patients only) and
+sends only the differentially private release (Laplace noise, the site's epsilon); the
+server compares the releases and writes site_profiles.json (every release and the shift
+report) into its run folder. No image, identifier or exact count leaves a site.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from nvflare.apis.controller_spec import Task
+from nvflare.apis.executor import Executor
+from nvflare.apis.fl_constant import ReturnCode
+from nvflare.apis.fl_context import FLContext
+from nvflare.apis.impl.controller import Controller
+from nvflare.apis.shareable import Shareable, make_reply
+from nvflare.apis.signal import Signal
+from nvflare.job_config.api import FedJob
+from nvflare.recipe.spec import Recipe
+
+from hospital_fl.data.ingest.profile import ProfileConfig, ShiftConfig, SiteProfile, compare_profiles
+from hospital_fl.data.ingest.profile_site import profile_site
+from hospital_fl.data.ingest.site_dataset import site_data_path
+from hospital_fl.errors import InputError
+from hospital_fl.flare.simulate import simulator_env
+from hospital_fl.flare.site_policy import allow_bundle_components
+
+__all__ = [
+    "PROFILE_TASK",
+    "RESULT_FILE",
+    "ProfileComparison",
+    "ProfileRecipe",
+    "SiteProfileExecutor",
+    "run_profile_in_simulator",
+]
+
+PROFILE_TASK = "site_profile"
+RESULT_FILE = "site_profiles.json"
+
+
+class SiteProfileExecutor(Executor):
+    """Answers the profile task with this site's DP profile release.
+
+    Args:
+        site_data: the site's dataset folder ("{site}" is replaced by the FLARE client name).
+        epsilon: the epsilon of this release (Laplace; validated, never 0 or infinite).
+    """
+
+    def __init__(self, site_data: str, epsilon: float = 1.0):
+        super().__init__()
+        self.site_data, self.epsilon = site_data, epsilon
+        self.cfg = ProfileConfig(epsilon=epsilon)
+
+    def execute(self, task_name: str, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
+        if task_name != PROFILE_TASK:
+            return make_reply(ReturnCode.TASK_UNKNOWN)
+        name = fl_ctx.get_identity_name()
+        try:
+            _, released = profile_site(site_data_path(self.site_data, name), self.cfg)
+        except (InputError, ValueError) as err:
+            self.log_error(fl_ctx, f"site profile refused at {name}: {err}")
+            return make_reply(ReturnCode.EXECUTION_EXCEPTION)
+        self.log_info(fl_ctx, f"released the site profile with Laplace noise at epsilon {self.epsilon}")
+        reply = make_reply(ReturnCode.OK)
+        reply["profile"] = released.to_dict()
+        return reply
+
+
+class ProfileComparison(Controller):
+    """Collects every site's released profile and flags sites whose data differ from the rest.
+
+    Args:
+        min_sites: releases needed before comparing (the job fails below it).
+        timeout: seconds the sites have to answer (0: no limit).
+        shift: ShiftConfig fields (thresholds).
+    """
+
+    def __init__(self, min_sites: int = 2, timeout: int = 600, shift: dict | None = None):
+        super().__init__()
+        self.min_sites, self.timeout, self.shift = min_sites, timeout, shift
+        self.shift_cfg = ShiftConfig(**(shift or {}))
+
+    def start_controller(self, fl_ctx: FLContext) -> None:
+        pass
+
+    def stop_controller(self, fl_ctx: FLContext) -> None:
+        pass
+
+    def process_result_of_unknown_task(self, client, task_name, client_task_id, result, fl_ctx) -> None:
+        pass
+
+    def control_flow(self, abort_signal: Signal, fl_ctx: FLContext) -> None:
+        task = Task(name=PROFILE_TASK, data=Shareable(), timeout=self.timeout)
+        self.broadcast_and_wait(task, fl_ctx, min_responses=self.min_sites, abort_signal=abort_signal)
+        profiles, failed = {}, []
+        for client_task in task.client_tasks:
+            site, result = client_task.client.name, client_task.result
+            if result is None or result.get_return_code() != ReturnCode.OK or "profile" not in result:
+                failed.append(site)
+                continue
+            try:
+                profiles[site] = SiteProfile.from_dict(result["profile"], source=f"{site}'s profile")
+            except InputError as err:
+                self.log_error(fl_ctx, f"rejected {site}'s profile: {err}")
+                failed.append(site)
+        if len(profiles) < self.min_sites:
+            self.system_panic(
+                f"only {len(profiles)} site profiles arrived ({failed} failed); need {self.min_sites}", fl_ctx
+            )
+            return
+        report = compare_profiles(profiles, self.shift_cfg)
+        run_dir = Path(fl_ctx.get_engine().get_workspace().get_run_dir(fl_ctx.get_job_id()))
+        out = {
+            "profiles": {s: p.to_dict() for s, p in sorted(profiles.items())},
+            "shift": report.to_dict(),
+            "sites_without_profile": sorted(failed),
+        }
+        (run_dir / RESULT_FILE).write_text(json.dumps(out, indent=1))
+        self.log_info(fl_ctx, f"site profiles compared; flagged: {list(report.flagged_sites) or 'none'}")
+
+
+class ProfileRecipe(Recipe):
+    """The profile comparison as a FLARE job (SimEnv, PocEnv or ProdEnv)."""
+
+    def __init__(self, site_data: str, num_sites: int, epsilon: float = 1.0, name: str = "site_profiles"):
+        job = FedJob(name=name, min_clients=num_sites)
+        job.to_server(ProfileComparison(min_sites=num_sites), id="profile_comparison")
+        job.to_clients(SiteProfileExecutor(site_data=site_data, epsilon=epsilon), tasks=[PROFILE_TASK])
+        super().__init__(job)
+
+
+def run_profile_in_simulator(site_data: str, num_sites: int, workspace_root: str | Path, epsilon: float = 1.0) -> dict:
+    """Run the profile comparison with site-1..site-N as simulated FLARE clients; returns site_profiles.json."""
+    workspace_root = Path(workspace_root).resolve()
+    name = "site_profiles"
+    env = simulator_env(workspace_root, name, num_sites)
+    allow_bundle_components(workspace_root / name / "local")
+    ProfileRecipe(site_data, num_sites, epsilon, name).run(env)
+    found = sorted((workspace_root / name).rglob(RESULT_FILE))
+    if not found:
+        raise RuntimeError(
+            f"the profile job wrote no {RESULT_FILE} under {workspace_root / name}: read the server log there"
+        )
+    return json.loads(found[0].read_text())
