@@ -28,13 +28,13 @@ from hospital_fl.data.ingest.screening import read_dicom
 from hospital_fl.errors import InputError
 
 __all__ = [
-    "PHI_KEYWORDS",
-    "PSEUDONYM_HEX_CHARS",
     "DEIDENTIFICATION_METHOD",
+    "PHI_KEYWORDS",
     "PROFILE_CODE",
-    "phi_findings",
+    "PSEUDONYM_HEX_CHARS",
     "deidentify",
     "deidentify_file",
+    "phi_findings",
     "pseudonym",
 ]
 

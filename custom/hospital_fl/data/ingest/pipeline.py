@@ -171,6 +171,13 @@ def _load_cache(site_dir: Path, cfg: IngestConfig) -> tuple[dict[str, dict], np.
     return cache["files"], images
 
 
+def _one_thread_per_worker() -> None:
+    """One process per core already fills the machine; torch's resize must not add threads."""
+    import torch
+
+    torch.set_num_threads(1)
+
+
 def _decode_all(
     todo: list[Path], cfg: IngestConfig, salt: bytes, progress
 ) -> dict[Path, tuple[FileOutcome, np.ndarray]]:
@@ -183,7 +190,9 @@ def _decode_all(
             progress()
         return results
     # spawn: workers start clean (no inherited torch/OpenMP thread state from the parent)
-    with ProcessPoolExecutor(max_workers=min(workers, len(todo)), mp_context=get_context("spawn")) as pool:
+    with ProcessPoolExecutor(
+        max_workers=min(workers, len(todo)), mp_context=get_context("spawn"), initializer=_one_thread_per_worker
+    ) as pool:
         futures = {pool.submit(process_file, str(p), *args): p for p in todo}
         for fut in as_completed(futures):
             results[futures[fut]] = fut.result()

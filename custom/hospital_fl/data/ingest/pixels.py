@@ -47,7 +47,7 @@ from hospital_fl.data.ingest.screening import (
 )
 from hospital_fl.errors import InputError
 
-__all__ = ["PREPROCESSING_VERSION", "PERCENTILE_WINDOW", "DECODER_PACKAGES", "to_model_image"]
+__all__ = ["DECODER_PACKAGES", "PERCENTILE_WINDOW", "PREPROCESSING_VERSION", "to_model_image"]
 
 # Bump whenever to_model_image would return a different array for the same file: cached
 # preprocessed images and models trained on them are keyed by it.
@@ -151,18 +151,22 @@ def _unit_intensities(stored: np.ndarray, ds: Dataset) -> np.ndarray:
         values = _stored_values(bits, min(int(ds.BitsStored), bits), signed=stored.dtype.kind == "i")
     else:
         values = stored
+    # Modality LUT / rescale first: window centres and VOI LUTs are defined on its output.
     modality = apply_modality_lut(values, ds)
+    # The VOI step is the display window the vendor set for this image, i.e. what was read.
     voi = _apply_voi(modality, ds)
     if voi is not None:
         display, low, high = voi
     elif table_path:
+        # No window in the file: the percentiles of the image, from its histogram.
         counts = np.bincount(patterns.ravel(), minlength=values.size)
         display = modality
         low, high = _weighted_percentiles(modality, counts, PERCENTILE_WINDOW)
     else:
         display = modality
         low, high = (float(v) for v in np.percentile(modality, PERCENTILE_WINDOW))
-    scale = 1.0 / (high - low) if high > low else 0.0  # a constant image maps to one level
+    # [0, 1] over the window, whatever the bit depth; a constant image maps to one level.
+    scale = 1.0 / (high - low) if high > low else 0.0
     unit = np.clip((display.astype(np.float32, copy=False) - np.float32(low)) * np.float32(scale), 0.0, 1.0)
     if str(ds.PhotometricInterpretation).strip().upper() == "MONOCHROME1":
         unit = 1.0 - unit  # MONOCHROME1: the lowest value is white
@@ -180,7 +184,7 @@ def _stored_values(bits: int, bits_stored: int, signed: bool) -> np.ndarray:
 
 
 def _voi_kind(ds: Dataset) -> str | None:
-    """ "lut", "window" or None, choosing as pydicom's apply_voi_lut(prefer_lut=True) does."""
+    """Which VOI step applies ("lut", "window" or None), chosen as apply_voi_lut(prefer_lut=True) does."""
     seq = ds.get("VOILUTSequence")
     if seq and seq[0].get("LUTDescriptor") is not None and seq[0].get("LUTData") is not None:
         return "lut"

@@ -20,24 +20,24 @@ from pydicom.uid import UID
 from hospital_fl.errors import InputError
 
 __all__ = [
-    "DicomRejected",
-    "ScreeningConfig",
-    "read_dicom",
-    "screen_header",
-    "header_info",
-    "REASONS",
-    "MULTIFRAME_POLICIES",
+    "BAD_HEADER",
+    "BODY_PART_NOT_CHEST",
     "CHEST_TERMS",
+    "DECODE_FAILED",
+    "MODALITY_NOT_ALLOWED",
+    "MULTIFRAME",
+    "MULTIFRAME_POLICIES",
     "NOT_DICOM",
     "NO_PIXEL_DATA",
-    "MODALITY_NOT_ALLOWED",
-    "BODY_PART_NOT_CHEST",
-    "UNSUPPORTED_PHOTOMETRIC",
-    "TRUNCATED_PIXEL_DATA",
+    "REASONS",
     "TOO_SMALL",
-    "MULTIFRAME",
-    "DECODE_FAILED",
-    "BAD_HEADER",
+    "TRUNCATED_PIXEL_DATA",
+    "UNSUPPORTED_PHOTOMETRIC",
+    "DicomRejected",
+    "ScreeningConfig",
+    "header_info",
+    "read_dicom",
+    "screen_header",
 ]
 
 NOT_DICOM = "not_dicom"
