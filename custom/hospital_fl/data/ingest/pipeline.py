@@ -104,10 +104,18 @@ def _sha256(path: Path) -> str:
 
 
 def process_file(
-    path: str, size: int, screening: ScreeningConfig, salt: bytes, deidentify_to: str | None = None
+    path: str,
+    size: int,
+    screening: ScreeningConfig,
+    salt: bytes,
+    deidentify_to: str | None = None,
+    sha256: str | None = None,
 ) -> tuple[FileOutcome, np.ndarray | None]:
-    """Read, screen, scan and decode one file. Never raises for a bad file: the reason is returned."""
-    sha = _sha256(Path(path))
+    """Read, screen, scan and decode one file. Never raises for a bad file: the reason is returned.
+
+    ``sha256``: the file's hash when the caller has it already (saves reading it twice).
+    """
+    sha = sha256 or _sha256(Path(path))
     try:
         ds = read_dicom(path)
         screen_header(ds, screening)
@@ -171,29 +179,21 @@ def _load_cache(site_dir: Path, cfg: IngestConfig) -> tuple[dict[str, dict], np.
     return cache["files"], images
 
 
-def _one_thread_per_worker() -> None:
-    """One process per core already fills the machine; torch's resize must not add threads."""
-    import torch
-
-    torch.set_num_threads(1)
-
-
 def _decode_all(
-    todo: list[Path], cfg: IngestConfig, salt: bytes, progress
+    todo: list[Path], cfg: IngestConfig, salt: bytes, shas: dict[Path, str], progress
 ) -> dict[Path, tuple[FileOutcome, np.ndarray]]:
     results: dict[Path, tuple] = {}
     workers = cfg.workers or os.cpu_count() or 1
     args = (cfg.image_size, cfg.screening, salt, cfg.deidentify_to)
     if workers == 1 or len(todo) <= 2:
         for p in todo:
-            results[p] = process_file(str(p), *args)
+            results[p] = process_file(str(p), *args, shas.get(p))
             progress()
         return results
-    # spawn: workers start clean (no inherited torch/OpenMP thread state from the parent)
-    with ProcessPoolExecutor(
-        max_workers=min(workers, len(todo)), mp_context=get_context("spawn"), initializer=_one_thread_per_worker
-    ) as pool:
-        futures = {pool.submit(process_file, str(p), *args): p for p in todo}
+    # spawn: workers start clean (no inherited torch/OpenMP thread state from the parent);
+    # they import only numpy, pydicom and Pillow, so starting them costs well under a second.
+    with ProcessPoolExecutor(max_workers=min(workers, len(todo)), mp_context=get_context("spawn")) as pool:
+        futures = {pool.submit(process_file, str(p), *args, shas.get(p)): p for p in todo}
         for fut in as_completed(futures):
             results[futures[fut]] = fut.result()
             progress()
@@ -240,7 +240,7 @@ def ingest(
     ]
     advance, close = progress_factory(len(todo)) if progress_factory and todo else (lambda: None, lambda: None)
     try:
-        decoded = _decode_all(todo, cfg, salt, advance)
+        decoded = _decode_all(todo, cfg, salt, shas, advance)
     finally:
         close()
 
@@ -299,7 +299,7 @@ def ingest(
 
     # Files excluded last time (no label, consent, duplicate) keep no pixels in the cache; the
     # few that became usable since are decoded now.
-    late = _decode_all([a[0] for a in accepted if a[2] is None], cfg, salt, lambda: None)
+    late = _decode_all([a[0] for a in accepted if a[2] is None], cfg, salt, shas, lambda: None)
     decoded.update(late)
     accepted = [(p, o, late[p][1] if img is None else img, lab, pat, v) for p, o, img, lab, pat, v in accepted]
     size = cfg.image_size

@@ -18,8 +18,7 @@ possible value (at most 65536) and applied to the image as one table lookup.
 from __future__ import annotations
 
 import numpy as np
-import torch
-import torch.nn.functional as F
+from PIL import Image
 from pydicom.dataset import Dataset
 from pydicom.pixels import apply_modality_lut, apply_voi_lut, get_decoder, pixel_array
 from pydicom.pixels.processing import apply_voi, apply_windowing
@@ -244,11 +243,12 @@ def _letterbox(unit: np.ndarray, size: int) -> np.ndarray:
     rows, cols = unit.shape
     scale = size / max(rows, cols)
     new_rows, new_cols = max(1, round(rows * scale)), max(1, round(cols * scale))
-    image = torch.from_numpy(np.ascontiguousarray(unit, dtype=np.float32))[None, None]
-    # antialias widens the bilinear kernel by the shrink factor (as PIL does), so a 9x reduction
-    # averages every pixel instead of sampling a few and aliasing the rib edges.
-    small = F.interpolate(image, size=(new_rows, new_cols), mode="bilinear", antialias=True, align_corners=False)
+    # Pillow's float ("F") resize widens the bilinear kernel by the shrink factor, so a 9x
+    # reduction averages every pixel instead of sampling a few and aliasing the rib edges.
+    # (Pillow, not torch: decoding workers then start without importing torch.)
+    image = Image.fromarray(np.ascontiguousarray(unit, dtype=np.float32), mode="F")
+    small = np.asarray(image.resize((new_cols, new_rows), resample=Image.Resampling.BILINEAR), dtype=np.float32)
     canvas = np.zeros((size, size), dtype=np.float32)
     top, left = (size - new_rows) // 2, (size - new_cols) // 2
-    canvas[top : top + new_rows, left : left + new_cols] = small[0, 0].numpy()
+    canvas[top : top + new_rows, left : left + new_cols] = small
     return np.rint(np.clip(canvas, 0.0, 1.0) * 255.0).astype(np.uint8)
