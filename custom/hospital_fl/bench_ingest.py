@@ -62,6 +62,10 @@ def _encodings() -> dict:
     ds.PixelData = encapsulate([buf.getvalue()])
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
     ds.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
+    # the 15-bit window no longer applies to 8-bit pixels; the viewer's default (full range) does
+    for keyword in ("WindowCenter", "WindowWidth", "VOILUTSequence", "RescaleSlope", "RescaleIntercept"):
+        if keyword in ds:
+            delattr(ds, keyword)
     ds["PixelData"].is_undefined_length = True
     ds["PixelData"].VR = "OB"
     out["jpeg_baseline"] = ds

@@ -6,6 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
+from hospital_fl.errors import InputError
+
 __all__ = ["add_site_commands"]
 
 
@@ -121,6 +123,13 @@ def _cmd_site_compare(args) -> int:
     profiles = {}
     for path in args.profiles:
         name = Path(path).stem
+        if name in profiles:
+            raise InputError(
+                "profiles",
+                path,
+                f"each site is named by its file name and {name!r} is given twice",
+                "name each release after its site, e.g. site-1.json site-2.json",
+            )
         profiles[name] = SiteProfile.from_dict(json.loads(Path(path).read_text()), source=str(path))
     report = compare_profiles(profiles)
     print(json.dumps(report.to_dict(), indent=2))

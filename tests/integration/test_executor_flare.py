@@ -87,8 +87,10 @@ def test_other_tasks_are_declined_and_unknown_sites_named():
     assert (
         executor.execute("validate", Shareable(), _ctx("site-1"), Signal()).get_return_code() == ReturnCode.TASK_UNKNOWN
     )
-    with pytest.raises(InputError, match="site name: got 'hospital-z'"):
-        executor.execute("train", _task(get_weights(build_cxr_model())), _ctx("hospital-z"), Signal())
+    # an unknown site answers every task with an error naming the problem (the server then ends the job)
+    reply = executor.execute("train", _task(get_weights(build_cxr_model())), _ctx("hospital-z"), Signal())
+    assert reply.get_return_code() == ReturnCode.EXECUTION_EXCEPTION
+    assert "site data refused this job at hospital-z: site name: got 'hospital-z'" in executor._refusal
 
 
 def test_bad_settings_fail_when_the_job_starts():

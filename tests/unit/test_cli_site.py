@@ -85,6 +85,9 @@ def test_audit_profile_and_compare(tmp_path, federated_data, capsys):
 def test_site_check_exit_codes(tmp_path, capsys):
     base = ["site", "check", "--workdir", str(tmp_path), "--min-free-gb", "0.001"]
     assert main([*base, "--no-gpu"]) == 0
-    assert main(base) == 1  # this machine has no CUDA GPU and a hospital server needs one
+    import torch
+
+    # a hospital server needs a CUDA GPU: without one the default check fails
+    assert main(base) == (0 if torch.cuda.is_available() else 1)
     assert main([*base, "--no-gpu", "--manifest", str(tmp_path / "none")]) == 1
     assert "does not exist" in capsys.readouterr().out

@@ -163,3 +163,70 @@ def test_report_is_json_with_summary(export):
     on_disk = json.loads(result.report_path.read_text())
     assert on_disk["rejections_by_reason"]["not_dicom"] == 1
     assert on_disk["decoded"] == 34
+
+
+def test_same_file_name_in_two_folders_is_ambiguous_unless_labelled_by_path(tmp_path, federated_data):
+    images = federated_data.sites[0].train.images
+    for patient in ("PAT1", "PAT2", "PAT3"):
+        write_cxr(tmp_path / "pacs" / patient / "IM000001", upscale(images[0], 256), patient_id=patient)
+    (tmp_path / "labels.csv").write_text("file,label\nIM000001,1\nPAT3/IM000001,0\n")
+    (tmp_path / "consent.csv").write_text("patient_id,status,date\nPAT1,granted,2026-01-01\nPAT3,granted,2026-01-01\n")
+
+    result = _ingest((tmp_path / "pacs", tmp_path / "labels.csv", tmp_path / "consent.csv", tmp_path / "site"))
+
+    reasons = {r["file"]: r["reason"] for r in result.report["rejected_files"]}
+    assert reasons == {"PAT1/IM000001": "ambiguous_label", "PAT2/IM000001": "ambiguous_label"}
+    assert result.report["accepted"] == 1  # PAT3, named by its path
+
+
+def test_deidentified_copies_only_for_accepted_images(export):
+    root, labels, consent, site = export
+    deid = site.parent / "deid"
+
+    result = _ingest(export, deidentify_to=str(deid))
+
+    ids = {r.image_id for r in read_manifest(result.manifest_path).records}
+    assert {p.stem for p in deid.glob("*.dcm")} == ids  # not the revoked patient's, not the unlabelled one
+
+
+def test_header_values_in_rejection_details_are_withheld_when_they_could_identify(export):
+    root = export[0]
+    write_cxr(root / "bad" / "odd.dcm", np.zeros((280, 280), np.uint16), modality="CR\\DOE^JANE MRN0042 GENERAL")
+    with open(export[1], "a") as f:
+        f.write("odd.dcm,0,\n")
+
+    result = _ingest(export)
+
+    text = json.dumps(result.report) + (result.manifest_path.parent / "ingest_cache.json").read_text()
+    assert "DOE^JANE" not in text and "MRN0042" not in text
+    assert any(r["file"] == "bad/odd.dcm" for r in result.report["rejected_files"])
+
+
+def test_lost_site_secret_and_empty_runs_never_replace_a_good_dataset(export):
+    first = _ingest(export)
+    site = first.manifest_path.parent
+    before = (site / "manifest.json").read_bytes()
+
+    export[1].write_text("file,label\nnothing_matches.dcm,1\n")
+    with pytest.raises(InputError, match="no file was accepted .*the previous dataset in .* is kept"):
+        _ingest(export)
+    assert (site / "manifest.json").read_bytes() == before
+
+    (site / "site_secret").unlink()
+    with pytest.raises(InputError, match="site secret"):
+        _ingest(export)
+    assert (site / "manifest.json").read_bytes() == before
+
+
+def test_a_cache_that_disagrees_with_the_manifest_is_not_trusted(export):
+    first = _ingest(export)
+    site = first.manifest_path.parent
+    cache = json.loads((site / "ingest_cache.json").read_text())
+    rows = [e for e in cache["files"].values() if e["row"] is not None]
+    rows[0]["row"], rows[1]["row"] = rows[1]["row"], rows[0]["row"]  # as an interrupted run could leave it
+    (site / "ingest_cache.json").write_text(json.dumps(cache))
+
+    again = _ingest(export)
+
+    assert again.report["decoded"] == again.report["files"]  # everything decoded afresh
+    assert np.array_equal(np.load(site / "images.npy"), np.load(site / "images.npy"))

@@ -14,12 +14,12 @@ the check also works on manifests, which never hold a raw patient id.
 
 from __future__ import annotations
 
-import csv
 import datetime as dt
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from hospital_fl.data.ingest.labels import read_csv_rows
 from hospital_fl.errors import InputError
 
 __all__ = ["ConsentPolicy", "ConsentRecord", "ConsentRegistry", "USABLE", "read_consent"]
@@ -100,13 +100,7 @@ def read_consent(path: str | Path, today: dt.date | None = None) -> ConsentRegis
     today = today or dt.date.today()
     if not path.is_file():
         raise InputError("consent", str(path), "the consent registry must exist", "pass --consent PATH/TO/consent.csv")
-    try:
-        with path.open(newline="", encoding="utf-8-sig") as f:
-            reader = csv.DictReader(f)
-            header = [h.strip() for h in (reader.fieldnames or [])]
-            rows = [{(k or "").strip(): (v or "").strip() for k, v in row.items()} for row in reader]
-    except (UnicodeDecodeError, csv.Error) as err:
-        raise InputError("consent", str(path), f"the registry must be UTF-8 CSV ({err})", "export it as CSV") from None
+    header, rows = read_csv_rows(path, "consent", "export the registry as CSV")
     if not {"patient_id", "status", "date"} <= set(header):
         raise InputError(
             "consent",

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from hospital_fl.data.ingest.consent import ConsentPolicy, ConsentRegistry
 from hospital_fl.data.ingest.manifest import read_usage, site_secret
-from hospital_fl.data.ingest.phi import pseudonym
+from hospital_fl.data.ingest.phi import patient_pseudonym
 
 __all__ = ["jobs_using_withdrawn_patients"]
 
@@ -29,7 +29,7 @@ def jobs_using_withdrawn_patients(
     salt = site_secret(site_dir)
     rows = []
     for usage in read_usage(site_dir):
-        unusable = registry.unusable(usage["patients"], lambda p: pseudonym(p, salt), policy, today)
+        unusable = registry.unusable(usage["patients"], lambda p: patient_pseudonym(p, salt), policy, today)
         if not unusable:
             continue
         by_status: dict[str, int] = {}

@@ -1,9 +1,13 @@
 """Label files for ingested chest radiographs: the ChestX-ray14 CSV layout or a plain file,label CSV.
 
 Rules (stated once, applied everywhere):
-- An entry matches a DICOM file when its key equals the file's name without extension
-  ("00000001_000.png" in a ChestX-ray14 CSV matches "00000001_000.dcm" anywhere under the
-  DICOM folder). Keys must be unique within a label file.
+- An entry names an image by its path under the DICOM folder or by its file name; a known
+  image extension (.dcm .dicom .png .jpg .jpeg) is ignored, anything else is part of the
+  name (PACS files named by UID keep every UID component). "00000001_000.png" in a
+  ChestX-ray14 CSV matches "00000001_000.dcm". A bare file name that more than one file in
+  the export carries (PAT1/IM1 and PAT2/IM1) is ambiguous: those files are rejected
+  ("ambiguous_label") rather than given one patient's label; name them by path instead.
+  Keys must be unique within a label file.
 - An unknown finding name is an error for the whole file (a typo would otherwise drop a
   positive label without anyone noticing); a DICOM file with no entry is a listed
   rejection ("no_label") and an entry with no DICOM file is listed in the report
@@ -23,6 +27,9 @@ from hospital_fl.errors import InputError
 
 __all__ = [
     "CXR14_FINDINGS",
+    "IMAGE_EXTENSIONS",
+    "base_key",
+    "read_csv_rows",
     "LabelEntry",
     "LabelTable",
     "NO_FINDING",
@@ -52,9 +59,20 @@ LAYOUT_CXR14 = "chestxray14"
 LAYOUT_PLAIN = "file,label"
 
 
+IMAGE_EXTENSIONS = (".dcm", ".dicom", ".png", ".jpg", ".jpeg")
+
+
 def image_key(name: str) -> str:
-    """The key a file or label entry is matched by: its file name without directory or extension."""
-    return PurePath(name.strip()).stem
+    """The key a file path or label entry is matched by: the path without a known image extension."""
+    path = PurePath(name.strip().replace("\\", "/"))
+    if path.suffix.lower() in IMAGE_EXTENSIONS:
+        path = path.with_suffix("")
+    return path.as_posix()
+
+
+def base_key(name: str) -> str:
+    """The file-name part of ``image_key`` (what a label naming no folder matches)."""
+    return PurePath(image_key(name)).name
 
 
 @dataclass(frozen=True)
@@ -76,8 +94,34 @@ class LabelTable:
     def __len__(self) -> int:
         return len(self.entries)
 
-    def get(self, file_name: str) -> LabelEntry | None:
-        return self.entries.get(image_key(file_name))
+    def get(self, relative_path: str) -> LabelEntry | None:
+        """The entry naming this path, else the entry naming its file name (callers check ambiguity)."""
+        return self.entries.get(image_key(relative_path)) or self.entries.get(base_key(relative_path))
+
+
+def read_csv_rows(path: Path, name: str, fix: str) -> tuple[list[str], list[dict[str, str]]]:
+    """(header, rows) of a UTF-8 CSV; a row with more fields than the header is an error naming its line."""
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            header = [h.strip() for h in (reader.fieldnames or [])]
+            rows = []
+            for line, row in enumerate(reader, start=2):
+                if None in row:  # DictReader puts surplus fields under the key None
+                    raise InputError(
+                        f"{path.name} line {line}",
+                        ",".join([*(v or "" for k, v in row.items() if k is not None), *row[None]]),
+                        f"the row has more fields than the header ({len(header)})",
+                        "quote values that contain commas, or remove the extra fields",
+                    )
+                rows.append({(k or "").strip(): (v or "").strip() for k, v in row.items()})
+    except (UnicodeDecodeError, csv.Error) as err:
+        raise InputError(name, str(path), f"the file must be UTF-8 CSV text ({err})", fix) from None
+    except OSError as err:
+        raise InputError(
+            name, str(path), f"the file must be readable ({err.strerror})", "check its permissions"
+        ) from None
+    return header, rows
 
 
 def _open_rows(path: Path) -> tuple[list[str], list[dict[str, str]]]:
@@ -85,15 +129,7 @@ def _open_rows(path: Path) -> tuple[list[str], list[dict[str, str]]]:
         raise InputError(
             "labels", str(path), "the label file must exist and be a file", "pass --labels PATH/TO/labels.csv"
         )
-    try:
-        with path.open(newline="", encoding="utf-8-sig") as f:
-            reader = csv.DictReader(f)
-            header = [h.strip() for h in (reader.fieldnames or [])]
-            rows = [{(k or "").strip(): (v or "").strip() for k, v in row.items()} for row in reader]
-    except (UnicodeDecodeError, csv.Error) as err:
-        raise InputError(
-            "labels", str(path), f"the label file must be UTF-8 CSV text ({err})", "export the labels as CSV"
-        ) from None
+    header, rows = read_csv_rows(path, "labels", "export the labels as CSV")
     if not header:
         raise InputError(
             "labels", str(path), "the label file is empty (no header row)", "export the labels with a header"

@@ -2,9 +2,10 @@
 
 manifest.json holds one record per usable image (salted image id, patient pseudonym, view,
 labels, source file sha256, row in images.npy) and the preprocessing version; images.npy is
-an (N, size, size) uint8 array that training memory-maps. Neither holds a DICOM attribute
-value, a file path or a raw identifier: the salt that makes the pseudonyms lives in
-SITE_DATA/site_secret (mode 600) and never leaves the site.
+an (N, size, size) uint8 array that training memory-maps. Neither holds a raw identifier,
+a date or a DICOM file path (the only DICOM value kept is the view position; the manifest
+also notes which consent registry the site uses): the salt that makes the pseudonyms lives
+in SITE_DATA/site_secret (mode 600) and never leaves the site.
 
 Each training job that reads the manifest leaves a usage record in SITE_DATA/usage/ (job
 id, manifest sha256, the patient pseudonyms it trained on) so the site can later list the
@@ -100,10 +101,14 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
 
 def site_secret(site_dir: str | Path, create: bool = False) -> bytes:
     """The site's pseudonym salt, created (32 random bytes, owner-only) on first ingest."""
-    path = Path(site_dir) / SECRET_FILE
+    site_dir = Path(site_dir)
+    path = site_dir / SECRET_FILE
     if path.is_file():
         return path.read_bytes()
-    if not create:
+    made_before = [n for n in (MANIFEST_FILE, USAGE_DIR, "ingest_cache.json") if (site_dir / n).exists()]
+    if not create or made_before:
+        # A new secret would turn every pseudonym in the manifest and usage records into a
+        # stranger: consent checks and the audit would silently stop matching.
         raise InputError(
             "site secret",
             str(path),

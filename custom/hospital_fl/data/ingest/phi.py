@@ -28,6 +28,8 @@ from hospital_fl.data.ingest.screening import read_dicom
 from hospital_fl.errors import InputError
 
 __all__ = [
+    "image_pseudonym",
+    "patient_pseudonym",
     "DEIDENTIFICATION_METHOD",
     "PHI_KEYWORDS",
     "PROFILE_CODE",
@@ -269,6 +271,17 @@ def pseudonym(value: str, salt: bytes) -> str:
     """
     _check_salt(salt)
     return _hmac(salt, value)[:PSEUDONYM_HEX_CHARS]
+
+
+def patient_pseudonym(patient_id: str, salt: bytes) -> str:
+    """A manifest's patient pseudonym: domain-separated from image ids and from the PatientID a
+    de-identified copy carries, so shared copies cannot be joined to the site's manifest."""
+    return pseudonym(f"patient|{patient_id}", salt)
+
+
+def image_pseudonym(sop_instance_uid: str, salt: bytes) -> str:
+    """A manifest's image id (domain-separated like ``patient_pseudonym``)."""
+    return pseudonym(f"image|{sop_instance_uid}", salt)
 
 
 def phi_findings(ds: Dataset) -> dict:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import os
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +27,8 @@ from hospital_fl.data.ingest.manifest import (
     record_usage,
     site_secret,
 )
-from hospital_fl.data.ingest.phi import pseudonym
+from hospital_fl.data.ingest.phi import patient_pseudonym
+from hospital_fl.data.ingest.pixels import PREPROCESSING_VERSION
 from hospital_fl.data.pneumoniamnist import CXRArrays
 from hospital_fl.errors import InputError
 
@@ -55,9 +57,38 @@ def site_data_path(template: str, site_name: str) -> Path:
     return Path(expanded)
 
 
+def _unit(patient: str) -> float:
+    return int.from_bytes(hashlib.sha256(f"portion|{patient}".encode()).digest()[:8], "big") / 2**64
+
+
+def _portions(records: list[ManifestRecord]) -> dict[str, list[int]]:
+    """Rows per portion. A small site whose hashes leave validation or test without a patient
+    gets the training patients nearest the boundary moved there, so every portion scores."""
+    by_patient: dict[str, list[int]] = {}
+    for r in records:
+        by_patient.setdefault(r.patient, []).append(r.row)
+    if len(by_patient) < 3:
+        raise InputError(
+            "site dataset",
+            f"{len(by_patient)} consented patients",
+            "training splits patients into train, validation and local test, so it needs at least 3",
+            "ingest more patients' images",
+        )
+    assigned = {p: patient_portion(p) for p in by_patient}
+    for portion in ("val", "test"):
+        if portion not in assigned.values():
+            sizes = Counter(assigned.values())
+            donor = max((p for p, a in assigned.items() if sizes[a] > 1), key=_unit)
+            assigned[donor] = portion
+    rows: dict[str, list[int]] = {"train": [], "val": [], "test": []}
+    for patient, portion in assigned.items():
+        rows[portion] += by_patient[patient]
+    return rows
+
+
 def patient_portion(patient: str) -> str:
-    """ "train" | "val" | "test" for a patient pseudonym: 80/10/10 by a hash of the pseudonym."""
-    u = int.from_bytes(hashlib.sha256(f"portion|{patient}".encode()).digest()[:8], "big") / 2**64
+    """Train, val or test for a patient pseudonym: 80/10/10 by a hash of the pseudonym."""
+    u = _unit(patient)
     edge = 0.0
     for name, share in _PORTIONS:
         edge += share
@@ -99,6 +130,14 @@ def consented_records(
     """
     site_dir = Path(site_dir)
     manifest = read_manifest(site_dir)
+    if manifest.preprocessing_version != PREPROCESSING_VERSION:
+        # Sites whose pixels went through different pipelines must not train one model.
+        raise InputError(
+            "manifest preprocessing_version",
+            manifest.preprocessing_version,
+            f"this bundle preprocesses as {PREPROCESSING_VERSION}",
+            "run hospital-fl ingest again (unchanged files are re-decoded once)",
+        )
     registry_path = consent_file or manifest.consent.get("registry")
     if not registry_path:
         raise InputError("consent", None, "training re-checks consent and needs the registry", "pass the consent file")
@@ -106,13 +145,16 @@ def consented_records(
     registry = read_consent(registry_path, today=today)
     salt = site_secret(site_dir)
     today = today or dt.date.today()
-    excluded = registry.unusable([r.patient for r in manifest.records], lambda p: pseudonym(p, salt), policy, today)
+    excluded = registry.unusable(
+        [r.patient for r in manifest.records], lambda p: patient_pseudonym(p, salt), policy, today
+    )
     keep = [r for r in manifest.records if r.patient not in excluded]
     if not keep:
         raise InputError(
             "site dataset",
             str(site_dir),
-            f"no image is usable: all {len(manifest.records)} belong to patients without valid consent",
+            f"no image is usable today: {len(manifest.records)} in the manifest, {len(excluded)} patients "
+            "without valid consent",
             "update the consent registry or ingest more data",
         )
     return manifest, keep, excluded
@@ -151,9 +193,7 @@ def load_site_dataset(
         )
     images = load_images(site_dir, manifest)
     labels = _labels_for(manifest, task, label_names)
-    portions: dict[str, list[int]] = {"train": [], "val": [], "test": []}
-    for r in keep:
-        portions[patient_portion(r.patient)].append(r.row)
+    portions = _portions(keep)
 
     def arrays(rows: list[int]) -> CXRArrays:
         idx = np.array(sorted(rows), dtype=np.int64)
