@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from hospital_fl.cli_provision import add_provision_commands
 from hospital_fl.cli_site import add_site_commands
 from hospital_fl.errors import InputError
 
@@ -360,6 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("site_home")
     report.set_defaults(func=_cmd_privacy_report, command="privacy report")
     add_site_commands(sub)
+    add_provision_commands(sub)
     return parser
 
 

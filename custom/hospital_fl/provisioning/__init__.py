@@ -1,0 +1,1 @@
+"""Provisioning: the consortium's site configs -> FLARE project.yml -> signed startup kits."""
