@@ -6,7 +6,6 @@ Kermany et al., Cell 172(5), 2018. See NOTICE for the full attribution.
 
 from __future__ import annotations
 
-import hashlib
 import zipfile
 from dataclasses import dataclass
 from importlib import resources
@@ -14,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from hospital_fl.data.hashing import file_sha256
 from hospital_fl.errors import InputError
 
 __all__ = ["CXRArrays", "EMBEDDED_SHA256", "embedded_path", "load_pneumoniamnist"]
@@ -38,14 +38,6 @@ def embedded_path() -> Path:
     return Path(str(resources.files("hospital_fl.data") / "assets" / "pneumoniamnist_28.npz"))
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def load_pneumoniamnist(path: str | Path | None = None) -> dict[str, CXRArrays]:
     """Load the train/val/test splits, checking integrity and shapes.
 
@@ -67,7 +59,7 @@ def load_pneumoniamnist(path: str | Path | None = None) -> dict[str, CXRArrays]:
             "it must be an existing PneumoniaMNIST .npz",
             "pass --data PATH to a MedMNIST-layout .npz, or reinstall hospital_fl to restore the embedded copy",
         )
-    if is_embedded and _sha256(path) != EMBEDDED_SHA256:
+    if is_embedded and file_sha256(path) != EMBEDDED_SHA256:
         raise InputError(
             "dataset file",
             str(path),

@@ -16,26 +16,11 @@ from dataclasses import dataclass
 import torch
 from monai.networks.nets import Classifier, DenseNet121
 
+from hospital_fl.data.findings import CHESTXRAY14_FINDINGS
 from hospital_fl.errors import InputError
 
 __all__ = ["CHESTXRAY14_FINDINGS", "CXRClassifier", "ModelConfig", "build_cxr_model", "num_outputs"]
 
-CHESTXRAY14_FINDINGS = (
-    "Atelectasis",
-    "Cardiomegaly",
-    "Effusion",
-    "Infiltration",
-    "Mass",
-    "Nodule",
-    "Pneumonia",
-    "Pneumothorax",
-    "Consolidation",
-    "Edema",
-    "Emphysema",
-    "Fibrosis",
-    "Pleural_Thickening",
-    "Hernia",
-)
 _TASK_OUTPUTS = {"pneumonia": 1, "chestxray14": len(CHESTXRAY14_FINDINGS)}
 _ARCHS = ("compact", "densenet121")
 

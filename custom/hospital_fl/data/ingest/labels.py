@@ -23,6 +23,7 @@ import csv
 from dataclasses import dataclass
 from pathlib import Path, PurePath
 
+from hospital_fl.data.findings import CHESTXRAY14_FINDINGS
 from hospital_fl.errors import InputError
 
 __all__ = [
@@ -37,22 +38,7 @@ __all__ = [
     "read_labels",
 ]
 
-CXR14_FINDINGS: tuple[str, ...] = (
-    "Atelectasis",
-    "Cardiomegaly",
-    "Effusion",
-    "Infiltration",
-    "Mass",
-    "Nodule",
-    "Pneumonia",
-    "Pneumothorax",
-    "Consolidation",
-    "Edema",
-    "Emphysema",
-    "Fibrosis",
-    "Pleural_Thickening",
-    "Hernia",
-)
+CXR14_FINDINGS = CHESTXRAY14_FINDINGS
 NO_FINDING = "No Finding"
 _PLAIN_VALUES = {"0": 0, "1": 1, "normal": 0, "pneumonia": 1}
 LAYOUT_CXR14 = "chestxray14"

@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import fcntl
-import hashlib
 import json
 import os
 import re
@@ -33,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from hospital_fl.data.hashing import file_sha256
 from hospital_fl.data.ingest.consent import USABLE, ConsentPolicy, ConsentRegistry
 from hospital_fl.data.ingest.labels import LabelTable, base_key, image_key
 from hospital_fl.data.ingest.manifest import (
@@ -98,14 +98,6 @@ class FileOutcome:
     burned_in_annotation: bool | None = None
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def safe_detail(detail: str) -> str:
     """A rejection detail fit for the cache and report: quoted header values that could carry
     identifying text (long, or outside the DICOM code-string alphabet, e.g. a corrupt element
@@ -125,7 +117,7 @@ def process_file(
     ``sha256``: the file's hash when the caller has it already (saves reading it twice).
     """
     try:
-        sha = sha256 or _sha256(Path(path))
+        sha = sha256 or file_sha256(Path(path))
         ds = read_dicom(path)
         screen_header(ds, screening)
         info = header_info(ds)
@@ -320,7 +312,7 @@ def _ingest_locked(dicom_dir, files, unlisted, labels, site_dir, consent, cfg, t
     unreadable: dict[Path, FileOutcome] = {}
     for p in files:
         try:
-            shas[p] = _sha256(p)
+            shas[p] = file_sha256(p)
         except OSError as err:  # vanished or not readable: listed, the rest ingest
             unreadable[p] = FileOutcome(
                 "", UNREADABLE, f"the file could not be read ({err.strerror}); check its permissions"
