@@ -12,6 +12,18 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 CR_STORAGE = "1.2.840.10008.5.1.4.1.1.1"
 
 
+def cr_skeleton(sop_uid: str | None = None, filename: str = "synthetic.dcm") -> FileDataset:
+    """An empty CR instance: file meta (explicit VR little endian) and SOP class/instance UIDs."""
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = CR_STORAGE
+    meta.MediaStorageSOPInstanceUID = sop_uid or generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = FileDataset(filename, {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.SOPClassUID = CR_STORAGE
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    return ds
+
+
 def write_cxr(
     path: str | Path,
     pixels: np.ndarray,
@@ -28,13 +40,7 @@ def write_cxr(
     """Write ``pixels`` (H, W) unsigned ints as an uncompressed single-frame radiograph."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = CR_STORAGE
-    meta.MediaStorageSOPInstanceUID = sop_uid or generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
-    ds.SOPClassUID = CR_STORAGE
-    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds = cr_skeleton(sop_uid, str(path))
     ds.StudyInstanceUID = generate_uid()
     ds.SeriesInstanceUID = generate_uid()
     ds.PatientID = patient_id

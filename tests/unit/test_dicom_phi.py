@@ -4,6 +4,7 @@ import json
 import numpy as np
 import pydicom
 import pytest
+from dicom_factory import cr_skeleton
 from hospital_fl.data.ingest.phi import (
     DEIDENTIFICATION_METHOD,
     PHI_KEYWORDS,
@@ -16,7 +17,7 @@ from hospital_fl.data.ingest.phi import (
 from hospital_fl.errors import InputError
 from pydicom.data import get_testdata_file
 from pydicom.datadict import keyword_dict
-from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
+from pydicom.dataset import Dataset, FileDataset
 from pydicom.uid import ComputedRadiographyImageStorage, ExplicitVRLittleEndian
 
 SALT = b"site-secret-0123456789abcdef"
@@ -27,14 +28,8 @@ PATIENT_ID = "MRN-0042"
 
 def _identified(**tags) -> FileDataset:
     """A small CR image carrying identifying attributes, private tags, an overlay and references."""
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = ComputedRadiographyImageStorage
-    meta.MediaStorageSOPInstanceUID = "1.2.826.0.1.3680043.2.1125.1.11"
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    meta.SourceApplicationEntityTitle = "GENHOSP_CR1"
-    ds = FileDataset("synthetic.dcm", {}, file_meta=meta, preamble=b"\0" * 128)
-    ds.SOPClassUID = meta.MediaStorageSOPClassUID
-    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds = cr_skeleton("1.2.826.0.1.3680043.2.1125.1.11")
+    ds.file_meta.SourceApplicationEntityTitle = "GENHOSP_CR1"
     ds.StudyInstanceUID = "1.2.826.0.1.3680043.2.1125.1.12"
     ds.SeriesInstanceUID = "1.2.826.0.1.3680043.2.1125.1.13"
     ds.FrameOfReferenceUID = "1.2.826.0.1.3680043.2.1125.1.14"

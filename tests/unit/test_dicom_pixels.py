@@ -1,19 +1,17 @@
 import numpy as np
 import pydicom
 import pytest
+from dicom_factory import cr_skeleton
 from hospital_fl.data.ingest.pixels import PREPROCESSING_VERSION, to_model_image
 from hospital_fl.data.ingest.screening import DicomRejected, read_dicom
 from hospital_fl.errors import InputError
 from pydicom.data import get_testdata_file
-from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
+from pydicom.dataset import Dataset, FileDataset
 from pydicom.encaps import encapsulate
 from pydicom.pixels import get_decoder
 from pydicom.uid import (
     MPEG2MPML,
-    ComputedRadiographyImageStorage,
-    ExplicitVRLittleEndian,
     JPEG2000Lossless,
-    generate_uid,
 )
 
 MAX_12_BIT = 4095
@@ -29,13 +27,7 @@ def _phantom(rows=300, cols=300, seed=0) -> np.ndarray:
 
 def _image(pixels: np.ndarray, photometric="MONOCHROME2", bits_stored=12, **tags) -> FileDataset:
     """An uncompressed CR dataset holding ``pixels`` ((rows, cols) or (frames, rows, cols))."""
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = ComputedRadiographyImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = FileDataset("synthetic.dcm", {}, file_meta=meta, preamble=b"\0" * 128)
-    ds.SOPClassUID = meta.MediaStorageSOPClassUID
-    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds = cr_skeleton()
     ds.Modality = "CR"
     ds.Rows, ds.Columns = pixels.shape[-2:]
     if pixels.ndim == 3:

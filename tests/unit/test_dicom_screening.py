@@ -2,6 +2,7 @@ import pickle
 
 import numpy as np
 import pytest
+from dicom_factory import cr_skeleton
 from hospital_fl.data.ingest.screening import (
     REASONS,
     DicomRejected,
@@ -12,21 +13,14 @@ from hospital_fl.data.ingest.screening import (
 )
 from hospital_fl.errors import InputError
 from pydicom.data import get_testdata_file
-from pydicom.dataset import FileDataset, FileMetaDataset
-from pydicom.uid import ComputedRadiographyImageStorage, ExplicitVRLittleEndian, generate_uid
+from pydicom.dataset import FileDataset
 
 RG1_UNCR = get_testdata_file("RG1_UNCR.dcm")
 
 
 def _image(rows=300, cols=300, frames=1, samples=1, photometric="MONOCHROME2", **tags) -> FileDataset:
     """A small uncompressed 12-bit CR chest image; ``tags`` override or add attributes."""
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = ComputedRadiographyImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = FileDataset("synthetic.dcm", {}, file_meta=meta, preamble=b"\0" * 128)
-    ds.SOPClassUID = meta.MediaStorageSOPClassUID
-    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds = cr_skeleton()
     ds.PatientID = "MRN-7"
     ds.Modality = "CR"
     ds.BodyPartExamined = "CHEST"

@@ -28,6 +28,7 @@ from hospital_fl.errors import InputError
 
 __all__ = [
     "MANIFEST_FILE",
+    "atomic_write_bytes",
     "MANIFEST_FORMAT",
     "IMAGES_FILE",
     "Manifest",
@@ -93,7 +94,8 @@ class Manifest:
         return np.array([r.labels for r in self.records], dtype=np.int64).reshape(len(self.records), -1)
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write via a temporary sibling and a rename: readers see the old file or the new, never half."""
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_bytes(data)
     os.replace(tmp, path)
@@ -135,7 +137,7 @@ def write_dataset(site_dir: str | Path, manifest: Manifest, images: np.ndarray) 
         np.save(f, images)
     os.replace(tmp, site_dir / IMAGES_FILE)
     path = site_dir / MANIFEST_FILE
-    _atomic_write_bytes(path, json.dumps(manifest.to_dict(), indent=1).encode())
+    atomic_write_bytes(path, json.dumps(manifest.to_dict(), indent=1).encode())
     return path
 
 
@@ -235,7 +237,7 @@ def record_usage(site_dir: str | Path, job_id: str, patients: list[str], exclude
         "patients": sorted(set(patients)),
         "excluded_at_start": dict(sorted(excluded.items())),
     }
-    _atomic_write_bytes(path, json.dumps(record, indent=1).encode())
+    atomic_write_bytes(path, json.dumps(record, indent=1).encode())
     return path
 
 

@@ -39,6 +39,7 @@ from hospital_fl.data.ingest.manifest import (
     MANIFEST_FILE,
     Manifest,
     ManifestRecord,
+    atomic_write_bytes,
     load_images,
     read_manifest,
     site_secret,
@@ -397,40 +398,44 @@ def _ingest_locked(dicom_dir, files, unlisted, labels, site_dir, consent, cfg, t
     decoded.update(late)
     accepted = [(p, o, late[p][1] if img is None else img, lab, pat, v) for p, o, img, lab, pat, v in accepted]
 
-    seconds = time.perf_counter() - started
-    reasons = Counter(r["reason"] for r in rejected)
-    report = {
-        "dicom_dir": str(dicom_dir.resolve()),
-        "site_dir": str(site_dir.resolve()),
-        "preprocessing_version": PREPROCESSING_VERSION,
-        "image_size": cfg.image_size,
-        "files": len(files) + len(unlisted),
-        "accepted": len(accepted),
-        "rejected": len(rejected),
-        "rejections_by_reason": dict(sorted(reasons.items())),
-        "rejected_files": rejected,
-        "labels_without_image": sorted(
-            set(labels.entries) - matched_keys - set(keys.values()) - {base_key(k) for k in keys.values()}
-        ),
-        "decoded": len(decoded),
-        "reused_from_cache": len(files) - len(unreadable) - len(decoded),
-        "phi": {
-            "files_with_identifying_tags": sum(1 for e in new_cache.values() if e["outcome"]["identifying_tags"]),
-            "identifying_tags_seen": dict(sorted(phi_tags.items())),
-            "burned_in_annotation_files": burned_in,
-            "note": "tag names only; no values are stored. manifest.json and images.npy carry no DICOM attribute "
-            "values other than view position, and no file paths.",
-        },
-        "label_prevalence": {
-            n: float(np.mean([lab[i] for _, _, _, lab, _, _ in accepted])) if accepted else 0.0
-            for i, n in enumerate(labels.label_names)
-        },
-    }
     report_path = site_dir / REPORT_FILE
-    if not accepted:
-        report["seconds"] = round(seconds, 3)
+
+    def write_report() -> dict:
+        reasons = Counter(r["reason"] for r in rejected)
+        report = {
+            "dicom_dir": str(dicom_dir.resolve()),
+            "site_dir": str(site_dir.resolve()),
+            "preprocessing_version": PREPROCESSING_VERSION,
+            "image_size": cfg.image_size,
+            "files": len(files) + len(unlisted),
+            "accepted": len(accepted),
+            "rejected": len(rejected),
+            "rejections_by_reason": dict(sorted(reasons.items())),
+            "rejected_files": rejected,
+            "labels_without_image": sorted(
+                set(labels.entries) - matched_keys - set(keys.values()) - {base_key(k) for k in keys.values()}
+            ),
+            "decoded": len(decoded),
+            "reused_from_cache": len(files) - len(unreadable) - len(decoded),
+            "phi": {
+                "files_with_identifying_tags": sum(1 for e in new_cache.values() if e["outcome"]["identifying_tags"]),
+                "identifying_tags_seen": dict(sorted(phi_tags.items())),
+                "burned_in_annotation_files": burned_in,
+                "note": "tag names only; no values are stored. manifest.json and images.npy carry no DICOM "
+                "attribute values other than view position, and no file paths.",
+            },
+            "label_prevalence": {
+                n: float(np.mean([lab[i] for _, _, _, lab, _, _ in accepted])) if accepted else 0.0
+                for i, n in enumerate(labels.label_names)
+            },
+            "seconds": round(time.perf_counter() - started, 3),
+        }
         report_path.write_text(json.dumps(report, indent=1))
-        top = ", ".join(f"{r} {n}" for r, n in reasons.most_common(3))
+        return report
+
+    if not accepted:
+        write_report()
+        top = ", ".join(f"{r} {n}" for r, n in Counter(r["reason"] for r in rejected).most_common(3))
         raise InputError(
             "ingest",
             str(dicom_dir),
@@ -466,13 +471,8 @@ def _ingest_locked(dicom_dir, files, unlisted, labels, site_dir, consent, cfg, t
         "secret": _secret_fingerprint(salt),
         "files": {sha: {"outcome": e["outcome"], "row": row_of.get(sha)} for sha, e in new_cache.items()},
     }
-    tmp = site_dir / f".{CACHE_FILE}.tmp"
-    tmp.write_text(json.dumps(cache))
-    os.replace(tmp, site_dir / CACHE_FILE)
-    report["rejected"], report["rejected_files"] = len(rejected), rejected
-    report["rejections_by_reason"] = dict(sorted(Counter(r["reason"] for r in rejected).items()))
-    report["seconds"] = round(time.perf_counter() - started, 3)
-    report_path.write_text(json.dumps(report, indent=1))
+    atomic_write_bytes(site_dir / CACHE_FILE, json.dumps(cache).encode())
+    report = write_report()
     return IngestResult(manifest_path, report_path, report)
 
 
