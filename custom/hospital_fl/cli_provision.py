@@ -37,6 +37,33 @@ def _cmd_provision(args) -> int:
     return 0
 
 
+def _cmd_add_site(args) -> int:
+    from pathlib import Path
+
+    from rich.console import Console
+
+    from hospital_fl.flare.provision import add_site
+    from hospital_fl.provisioning.schema import HOSPITALS_DIR
+
+    added = add_site(args.site_configs, args.hospital_file, args.out)
+    console = Console()
+    size = added.kit.archive.stat().st_size / 1024
+    console.print(
+        f"{added.project}: added {added.kit.name} ({added.kit.org}) in {added.seconds:.2f} s; "
+        f"kit {added.kit.archive} ({size:.0f} KiB), signed by the existing root CA SHA-256 {added.root_ca_sha256}"
+    )
+    console.print("Every kit issued before is unchanged; the running server accepts the new hospital as it is.")
+    if added.he:
+        console.print("The kit carries the hospitals' existing HE context: guard it like their kits.")
+    hospitals = (Path(args.site_configs) / HOSPITALS_DIR).resolve()
+    if Path(args.hospital_file).resolve().parent != hospitals:
+        console.print(
+            f"[yellow]Move {args.hospital_file} into {hospitals}/ so that a later full `hospital-fl provision` "
+            "keeps this hospital.[/yellow]"
+        )
+    return 0
+
+
 def add_provision_commands(sub: argparse._SubParsersAction) -> None:
     """Add ``provision`` to the ``hospital-fl`` subcommands.
 
@@ -61,3 +88,19 @@ def add_provision_commands(sub: argparse._SubParsersAction) -> None:
         "(default workspace/kits)",
     )
     p.set_defaults(func=_cmd_provision, command="provision")
+    actions = p.add_subparsers(dest="action")
+    add = actions.add_parser(
+        "add-site",
+        help="provision one more hospital with the existing root CA; issued kits stay untouched",
+        description="FLARE's dynamic provisioning: a kit for a new hospital, signed by the consortium's existing "
+        "root CA (and carrying its HE context), added to the earlier provisioning folder.",
+    )
+    add.add_argument("hospital_file", help="the new hospital's config, e.g. site_configs/hospitals/hospital-d.yaml")
+    # SUPPRESS: one value whether given before or after add-site (the parent's default otherwise)
+    add.add_argument(
+        "--site-configs", default=argparse.SUPPRESS, help="folder with consortium.yaml (default site_configs)"
+    )
+    add.add_argument(
+        "--out", default=argparse.SUPPRESS, help="the earlier provisioning folder (default workspace/kits)"
+    )
+    add.set_defaults(func=_cmd_add_site, command="provision add-site")

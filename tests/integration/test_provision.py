@@ -106,7 +106,10 @@ def test_each_hospital_kit_carries_its_local_policies(example_kits):
         assert policy is not None, error
         default = json.loads((local / "authorization.json.default").read_text())["permissions"]
         assert authorization["permissions"]["lead"] == {**default["lead"], "byoc": "none"}
-        assert authorization["hospital_fl"]["allowed_job_types"] == list(hospital.allowed_job_types)
+        assert resources["app_validator"] == {
+            "path": "hospital_fl.flare.job_type_gate.JobTypeValidator",
+            "args": {"allowed_job_types": list(hospital.allowed_job_types), "site": hospital.name},
+        }
 
         policy = read_site_policy(local)  # the privacy gate's own reader accepts it
         assert policy.require_dp == (hospital.privacy.scope == "dp_required")

@@ -9,14 +9,18 @@ import pytest
 import yaml
 from hospital_fl.errors import InputError
 from hospital_fl.privacy.policy import policy_from_dict
+from hospital_fl.provisioning.job_types import job_type_refusal, job_types_of
 from hospital_fl.provisioning.project import (
     GPU_RESOURCE_MANAGER,
+    JOB_TYPE_VALIDATOR,
     KIT_BUILDER,
     authorization_policy,
     privacy_scopes,
     render_project,
+    site_policies,
     site_privacy_policy,
     with_gpu_resources,
+    with_job_type_gate,
 )
 from hospital_fl.provisioning.schema import (
     AdminConfig,
@@ -314,7 +318,7 @@ def test_a_dp_required_site_defines_only_its_scope():
     assert privacy_scopes(c)["default_scope"] == "public"
 
 
-def test_authorization_turns_byoc_off_and_records_the_job_types():
+def test_authorization_turns_byoc_off():
     hospital = load_site_configs(EXAMPLE).hospitals[1]
 
     policy = authorization_policy(hospital)
@@ -322,7 +326,40 @@ def test_authorization_turns_byoc_off_and_records_the_job_types():
     assert policy["format_version"] == "1.0"
     assert policy["permissions"]["lead"]["byoc"] == "none"
     assert policy["permissions"]["lead"]["submit_job"] == "any"
-    assert policy["hospital_fl"] == {"allowed_job_types": ["cxr", "profile"]}
+    assert set(policy) == {"format_version", "permissions"}
+
+
+def _client_config(*executor_paths):
+    return {"executors": [{"tasks": ["train"], "executor": {"path": p, "args": {}}} for p in executor_paths]}
+
+
+def test_job_type_gate_refuses_types_the_site_does_not_allow():
+    cxr = _client_config("hospital_fl.flare.executor.CXRTrainExecutor")
+    profile = _client_config("hospital_fl.flare.profile_job.SiteProfileExecutor")
+    stock = _client_config("nvflare.app_common.executors.client_api_launcher_executor.ClientAPILauncherExecutor")
+
+    assert job_types_of(cxr) == ({"cxr"}, [])
+    assert job_type_refusal(cxr, ["cxr", "profile"], "hospital-b") == ""
+    assert job_type_refusal(profile, ["cxr"], "hospital-b") == (
+        "hospital-b refuses the job: job type 'profile' is not among the site's allowed_job_types (cxr); "
+        "submit it to other sites, or ask the site to add it to allowed_job_types in its site config and "
+        "re-issue its kit"
+    )
+    assert "is not one of hospital_fl's job types" in job_type_refusal(stock, ["cxr", "profile", "segmentation"])
+    assert "names no executor" in job_type_refusal({"executors": []}, ["cxr"])
+
+
+def test_the_kit_resources_carry_the_job_type_gate():
+    hospital = load_site_configs(EXAMPLE).hospitals[1]
+    resources = {"format_version": 2, "components": []}
+
+    gated = with_job_type_gate(resources, site_policies(hospital)["allowed_job_types"], hospital.name)
+
+    assert resources == {"format_version": 2, "components": []}  # a copy
+    assert gated["app_validator"] == {
+        "path": JOB_TYPE_VALIDATOR,
+        "args": {"allowed_job_types": ["cxr", "profile"], "site": "hospital-b"},
+    }
 
 
 def test_gpu_resources_replace_only_the_resource_manager_args():

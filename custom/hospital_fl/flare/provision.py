@@ -49,10 +49,33 @@ from nvflare.lighter.utils import write
 import hospital_fl
 from hospital_fl.errors import InputError
 from hospital_fl.flare.site_policy import allow_bundle_components
-from hospital_fl.provisioning.project import render_project, with_gpu_resources
-from hospital_fl.provisioning.schema import SiteConfigs, load_site_configs
+from hospital_fl.provisioning.project import (
+    KIT_BUILDER,
+    render_project,
+    site_policies,
+    with_gpu_resources,
+    with_job_type_gate,
+)
+from hospital_fl.provisioning.schema import (
+    CONSORTIUM_FILE,
+    SiteConfigs,
+    load_consortium,
+    load_hospital,
+    load_site_configs,
+)
 
-__all__ = ["Kit", "ProvisionResult", "HospitalKitBuilder", "provision", "MANIFEST", "KITS_DIR", "STATE_DIR"]
+__all__ = [
+    "Kit",
+    "ProvisionResult",
+    "AddedSite",
+    "HospitalKitBuilder",
+    "IssuedHEContextBuilder",
+    "provision",
+    "add_site",
+    "MANIFEST",
+    "KITS_DIR",
+    "STATE_DIR",
+]
 
 log = logging.getLogger(__name__)
 
@@ -145,6 +168,7 @@ class HospitalKitBuilder(Builder):
             resources_file = local / "resources.json"
             source = resources_file if resources_file.exists() else local / ProvFileName.RESOURCES_JSON_DEFAULT
             resources = with_gpu_resources(json.loads(source.read_text()), **site["resources"])
+            resources = with_job_type_gate(resources, site["allowed_job_types"], participant.name)
             resources_file.write_text(json.dumps(resources, indent=2) + "\n")
             self._write_docker_sh(participant, site, ctx)
 
@@ -159,6 +183,34 @@ class HospitalKitBuilder(Builder):
         if site["resources"]["num_of_gpus"] > 0:  # the container sees the GPUs FLARE's resource manager hands out
             script = _replace_once(script, f"#{_TEMPLATE_GPUS}", _TEMPLATE_GPUS)
         write(os.path.join(ctx.get_kit_dir(participant), ProvFileName.DOCKER_SH), script, "t", exe=True)
+
+
+class IssuedHEContextBuilder(Builder):
+    """FLARE provisioning builder that gives new kits the consortium's existing TenSEAL contexts.
+
+    Used instead of FLARE's HEBuilder when a hospital joins later: HEBuilder makes a fresh
+    key pair on every run, and a hospital holding another secret key could neither decrypt
+    the global model nor add to the others' ciphertexts.
+
+    Args:
+        server_context: the server kit's server_context.tenseal (no secret key).
+        client_context: a hospital kit's client_context.tenseal (the hospitals' shared key).
+    """
+
+    def __init__(self, server_context: str, client_context: str):
+        self.server_context = server_context
+        self.client_context = client_context
+
+    def build(self, project: Project, ctx: ProvisionContext):
+        server = project.get_server()
+        if server:
+            shutil.copyfile(
+                self.server_context, os.path.join(ctx.get_kit_dir(server), ProvFileName.SERVER_CONTEXT_TENSEAL)
+            )
+        for client in project.get_clients():
+            shutil.copyfile(
+                self.client_context, os.path.join(ctx.get_kit_dir(client), ProvFileName.CLIENT_CONTEXT_TENSEAL)
+            )
 
 
 def _replace_once(text: str, old: str, new: str) -> str:
@@ -288,8 +340,7 @@ def provision(site_configs_dir: str | Path, out_dir: str | Path) -> ProvisionRes
             )
         shutil.move(staging / "flare" / project["name"] / STATE_DIR, staging / STATE_DIR)
         shutil.rmtree(staging / "flare")
-        header = "# FLARE project rendered by `hospital-fl provision` from the site configs; edit those, not this.\n"
-        (staging / PROJECT_FILE).write_text(header + yaml.safe_dump(project, sort_keys=False))
+        (staging / PROJECT_FILE).write_text(_project_text(project))
         server = next(k for k in kits if k.type == ParticipantType.SERVER)
         fingerprint = _root_ca_fingerprint(kits_dir / server.name)
         seconds = time.perf_counter() - start
@@ -302,17 +353,7 @@ def provision(site_configs_dir: str | Path, out_dir: str | Path) -> ProvisionRes
             "root_ca_reused": state is not None,
             "hospital_fl_version": hospital_fl.__version__,
             "nvflare_version": importlib.metadata.version("nvflare"),
-            "kits": [
-                {
-                    "name": k.name,
-                    "type": k.type,
-                    "org": k.org,
-                    "folder": f"{KITS_DIR}/{k.name}",
-                    "archive": f"{KITS_DIR}/{k.archive.name}",
-                    "archive_sha256": _sha256(kits_dir / k.archive.name),
-                }
-                for k in kits
-            ],
+            "kits": [_kit_entry(k, kits_dir / k.archive.name) for k in kits],
         }
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")  # last: marks a complete run
         _swap_into_place(staging, out)
@@ -337,3 +378,250 @@ def _sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def _kit_entry(kit: Kit, archive: Path) -> dict:
+    return {
+        "name": kit.name,
+        "type": kit.type,
+        "org": kit.org,
+        "folder": f"{KITS_DIR}/{kit.name}",
+        "archive": f"{KITS_DIR}/{kit.archive.name}",
+        "archive_sha256": _sha256(archive),
+    }
+
+
+def _project_text(project: dict) -> str:
+    header = "# FLARE project rendered by `hospital-fl provision` from the site configs; edit those, not this.\n"
+    return header + yaml.safe_dump(project, sort_keys=False)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text(text)
+    os.replace(partial, path)
+
+
+# ---------------------------------------------------------------- adding a hospital later
+
+
+@dataclass(frozen=True)
+class AddedSite:
+    """A hospital provisioned into an existing consortium.
+
+    Attributes:
+        kit: the new hospital's kit (folder and archive under out_dir/kits).
+        out_dir: the consortium's provisioning folder.
+        project: the FLARE project name.
+        seconds: wall seconds the run took.
+        he: whether the new kit carries the consortium's TenSEAL context.
+        root_ca_sha256: fingerprint of the (existing) root CA that signed the kit.
+    """
+
+    kit: Kit
+    out_dir: Path
+    project: str
+    seconds: float
+    he: bool
+    root_ca_sha256: str
+
+
+def _issued(out: Path, project_name: str) -> dict:
+    """The manifest of the provisioning run in ``out``; refuses a folder without one."""
+    manifest_file = out / MANIFEST
+    if not manifest_file.is_file():
+        raise InputError(
+            "provisioning folder",
+            str(out),
+            f"it holds no {MANIFEST}, so no consortium was provisioned there and no root CA can sign a new kit",
+            "pass the --out folder of the earlier `hospital-fl provision` run, or run that first",
+        )
+    try:
+        manifest = json.loads(manifest_file.read_text())
+        manifest["project"], manifest["kits"]  # noqa: B018 - required keys
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
+        raise InputError(
+            str(manifest_file), "unreadable", "it is not the manifest of a provisioning run", "restore it from backup"
+        ) from err
+    if manifest["project"] != project_name:
+        raise InputError(
+            str(manifest_file),
+            manifest["project"],
+            f"the kits there belong to another project than consortium.yaml's {project_name!r}",
+            "pass the site configs of that consortium, or its own provisioning folder",
+        )
+    if not (out / STATE_DIR / "cert.json").is_file():
+        raise InputError(
+            str(out / STATE_DIR),
+            "missing",
+            "the root CA's private key (cert.json) is not there, so no kit could join the consortium",
+            f"restore {out / STATE_DIR} from the operator's backup",
+        )
+    return manifest
+
+
+def _server_participant(project: dict) -> dict:
+    return next(p for p in project["participants"] if p["type"] == ParticipantType.SERVER)
+
+
+def _add_site_project(issued_project: dict, new_project: dict, hospital, he_files: tuple[Path, Path] | None) -> dict:
+    """The FLARE project that provisions only the new hospital (with the server it connects to)."""
+    server = _server_participant(issued_project)
+    fresh_server = _server_participant(new_project)
+    if fresh_server != server:
+        changed = sorted(k for k in {*server, *fresh_server} if server.get(k) != fresh_server.get(k))
+        raise InputError(
+            CONSORTIUM_FILE,
+            {k: fresh_server.get(k) for k in changed},
+            f"the server changed since the kits were issued ({', '.join(f'{k}: {server.get(k)!r}' for k in changed)}),"
+            " so the new hospital would look for another server than the others",
+            "restore those consortium.yaml values, or re-issue every kit with `hospital-fl provision`",
+        )
+    client = next(p for p in new_project["participants"] if p["name"] == hospital.name)
+    builders = []
+    for builder in new_project["builders"]:
+        if builder["path"] == "nvflare.lighter.impl.he.HEBuilder":
+            server_context, client_context = he_files
+            builder = {
+                "path": f"{__name__}.IssuedHEContextBuilder",
+                "args": {"server_context": str(server_context), "client_context": str(client_context)},
+            }
+        elif builder["path"] == KIT_BUILDER:
+            builder = {
+                "path": KIT_BUILDER,
+                "args": {"sites": {hospital.name: site_policies(hospital)}, "bundle_participants": [hospital.name]},
+            }
+        builders.append(builder)
+    return {**new_project, "participants": [server, client], "builders": builders}
+
+
+def _he_context_files(out: Path, manifest: dict) -> tuple[Path, Path]:
+    """The server's and the hospitals' TenSEAL contexts from the kits already issued."""
+    server = next(k for k in manifest["kits"] if k["type"] == ParticipantType.SERVER)
+    hospital = next((k for k in manifest["kits"] if k["type"] == ParticipantType.CLIENT), None)
+    files = [out / server["folder"] / "startup" / ProvFileName.SERVER_CONTEXT_TENSEAL]
+    if hospital is not None:
+        files.append(out / hospital["folder"] / "startup" / ProvFileName.CLIENT_CONTEXT_TENSEAL)
+    missing = [str(f) for f in files if not f.is_file()]
+    if hospital is None or missing:
+        raise InputError(
+            "HE contexts of the issued kits",
+            missing or "no hospital kit",
+            "a hospital joining an HE consortium needs the hospitals' existing TenSEAL context",
+            "restore the issued kits in the provisioning folder, or re-issue every kit with `hospital-fl provision`",
+        )
+    return files[0], files[1]
+
+
+def _with_new_hospital(issued_project: dict, hospital) -> dict:
+    """project.yml after the addition: `nvflare provision -p` then reproduces every kit."""
+    project = copy.deepcopy(issued_project)
+    participants = project["participants"]
+    last_client = max(i for i, p in enumerate(participants) if p["type"] in ("server", ParticipantType.CLIENT))
+    new_client = {
+        "name": hospital.name,
+        "type": ParticipantType.CLIENT,
+        "org": hospital.org,
+        "capacity": dict(site_policies(hospital)["resources"]),
+    }
+    participants.insert(last_client + 1, new_client)
+    for builder in project["builders"]:
+        if builder["path"] == KIT_BUILDER:
+            builder["args"]["sites"][hospital.name] = site_policies(hospital)
+            builder["args"]["bundle_participants"].append(hospital.name)
+    return project
+
+
+def add_site(site_configs_dir: str | Path, hospital_file: str | Path, out_dir: str | Path) -> AddedSite:
+    """Provision one more hospital into the consortium provisioned in ``out_dir``.
+
+    FLARE's dynamic provisioning: the kit is signed by the existing root CA (from
+    ``out_dir``/state), so the running server accepts the hospital without a restart; with
+    HE it carries the hospitals' existing TenSEAL context. Every kit already issued stays
+    byte for byte as it was; project.yml and provision.json gain the hospital.
+
+    Args:
+        site_configs_dir: the folder with the consortium's consortium.yaml (the server's
+            host and ports must be those the issued kits name).
+        hospital_file: the new hospital's config (the hospitals/*.yaml format). Keep it in
+            site_configs/hospitals/ so that a later full `provision` keeps the site.
+        out_dir: the folder of the earlier `hospital-fl provision` run.
+
+    Raises:
+        InputError: a config breaks a rule, a kit with that name was already issued, the
+            server settings changed, or ``out_dir`` holds no provisioning run of this project.
+        RuntimeError: FLARE's provisioning failed (nothing was added).
+    """
+    start = time.perf_counter()
+    consortium = load_consortium(Path(site_configs_dir) / CONSORTIUM_FILE)
+    hospital = load_hospital(hospital_file)
+    out = Path(out_dir).resolve()
+    manifest = _issued(out, consortium.name)
+    if hospital.name in {k["name"] for k in manifest["kits"]}:
+        raise InputError(
+            f"{hospital_file}: name",
+            hospital.name,
+            "a kit with this name was already issued; adding it again would give the site a second identity",
+            "choose another name, or re-issue every kit with `hospital-fl provision`",
+        )
+    if bool(manifest.get("he")) != consortium.he:
+        raise InputError(
+            f"{Path(site_configs_dir) / CONSORTIUM_FILE}: he",
+            consortium.he,
+            f"the issued kits were provisioned with he: {str(bool(manifest.get('he'))).lower()}",
+            "restore the he setting, or re-issue every kit with `hospital-fl provision`",
+        )
+    _check_he_available(SiteConfigs(consortium, (hospital,)))
+    issued_text = (out / PROJECT_FILE).read_text()
+    issued_project = yaml.safe_load(issued_text)
+    he_files = _he_context_files(out, manifest) if consortium.he else None
+    project = _add_site_project(issued_project, render_project(consortium, [hospital]), hospital, he_files)
+    staging = Path(tempfile.mkdtemp(prefix=f".add-{hospital.name}.", suffix=".partial", dir=out))
+    kit_dir, archive = out / KITS_DIR / hospital.name, out / KITS_DIR / f"{hospital.name}.zip"
+    old_state = staging / "state.old"
+    try:
+        prod = _run_flare(project, staging / "flare", out / STATE_DIR)
+        built = staging / hospital.name
+        shutil.move(prod / hospital.name, built)
+        built_archive = shutil.make_archive(
+            str(staging / hospital.name), "zip", root_dir=staging, base_dir=hospital.name
+        )
+        kit = Kit(hospital.name, ParticipantType.CLIENT, hospital.org, kit_dir, archive)
+        updated = _with_new_hospital(issued_project, hospital)
+        position = max(i for i, k in enumerate(manifest["kits"]) if k["type"] != "admin") + 1
+        new_manifest = {
+            **manifest,
+            "kits": [*manifest["kits"][:position], _kit_entry(kit, Path(built_archive)), *manifest["kits"][position:]],
+            "added": [
+                *manifest.get("added", []),
+                {"name": hospital.name, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "seconds": 0.0},
+            ],
+        }
+        # Commit: the kit, the state with its certificate, then project.yml, provision.json last.
+        os.rename(built, kit_dir)
+        os.rename(built_archive, archive)
+        os.rename(out / STATE_DIR, old_state)
+        os.rename(staging / "flare" / project["name"] / STATE_DIR, out / STATE_DIR)
+        _atomic_write_text(out / PROJECT_FILE, _project_text(updated))
+        seconds = time.perf_counter() - start
+        new_manifest["added"][-1]["seconds"] = round(seconds, 3)
+        _atomic_write_text(out / MANIFEST, json.dumps(new_manifest, indent=2) + "\n")
+    except BaseException:
+        shutil.rmtree(kit_dir, ignore_errors=True)
+        archive.unlink(missing_ok=True)
+        if old_state.exists():
+            shutil.rmtree(out / STATE_DIR, ignore_errors=True)
+            os.rename(old_state, out / STATE_DIR)
+        if (out / PROJECT_FILE).read_text() != issued_text:
+            _atomic_write_text(out / PROJECT_FILE, issued_text)
+        raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return AddedSite(
+        kit=kit,
+        out_dir=out,
+        project=consortium.name,
+        seconds=time.perf_counter() - start,
+        he=consortium.he,
+        root_ca_sha256=manifest["root_ca_sha256"],
+    )

@@ -32,12 +32,15 @@ __all__ = [
     "site_privacy_policy",
     "site_policies",
     "with_gpu_resources",
+    "with_job_type_gate",
+    "JOB_TYPE_VALIDATOR",
 ]
 
 API_VERSION = 3
 SCHEME = "grpc"
 KIT_BUILDER = "hospital_fl.flare.provision.HospitalKitBuilder"
 GPU_RESOURCE_MANAGER = "nvflare.app_common.resource_managers.gpu_resource_manager.GPUResourceManager"
+JOB_TYPE_VALIDATOR = "hospital_fl.flare.job_type_gate.JobTypeValidator"
 GPU_RESOURCE_CONSUMER = "nvflare.app_common.resource_consumers.gpu_resource_consumer.GPUResourceConsumer"
 # FLARE's HEBuilder defaults, written out so project.yml states the CKKS parameters.
 HE_ARGS = {"poly_modulus_degree": 8192, "coeff_mod_bit_sizes": [60, 40, 40], "scale_bits": 40, "scheme": "CKKS"}
@@ -79,14 +82,10 @@ _PERMISSIONS = {
 def authorization_policy(hospital: HospitalConfig) -> dict:
     """The hospital's local/authorization.json: FLARE's default role rights, BYOC off for leads.
 
-    The site's allowed job types ride along under ``hospital_fl.allowed_job_types`` (FLARE
-    reads only ``format_version`` and ``permissions``; it has no notion of a job type).
+    FLARE's rights have no notion of a job type: the site's allowed job types are enforced
+    by the app validator in its resources.json (with_job_type_gate).
     """
-    return {
-        "format_version": "1.0",
-        "permissions": copy.deepcopy(_PERMISSIONS),
-        "hospital_fl": {"allowed_job_types": list(hospital.allowed_job_types)},
-    }
+    return {"format_version": "1.0", "permissions": copy.deepcopy(_PERMISSIONS)}
 
 
 def _scope(name: str) -> dict:
@@ -136,9 +135,23 @@ def site_policies(hospital: HospitalConfig) -> dict:
             "num_of_gpus": hospital.resources.num_of_gpus,
             "mem_per_gpu_in_GiB": hospital.resources.mem_per_gpu_in_GiB,
         },
+        "allowed_job_types": list(hospital.allowed_job_types),
         "docker_image": hospital.image,
         "data_root": hospital.data_root,
     }
+
+
+def with_job_type_gate(resources: dict, allowed_job_types: list[str], site: str) -> dict:
+    """A copy of a site's resources.json whose app validator refuses jobs of other types.
+
+    FLARE runs a site's ``app_validator`` on every app deployed there, before the job starts.
+    """
+    out = copy.deepcopy(resources)
+    out["app_validator"] = {
+        "path": JOB_TYPE_VALIDATOR,
+        "args": {"allowed_job_types": list(allowed_job_types), "site": site},
+    }
+    return out
 
 
 def with_gpu_resources(resources: dict, num_of_gpus: int, mem_per_gpu_in_GiB: float) -> dict:
