@@ -7,6 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+from hospital_fl.cli_audit import add_audit_commands
+from hospital_fl.cli_kit import add_kit_commands
 from hospital_fl.cli_provision import add_provision_commands
 from hospital_fl.cli_site import add_site_commands
 from hospital_fl.errors import InputError
@@ -362,6 +364,8 @@ def build_parser() -> argparse.ArgumentParser:
     report.set_defaults(func=_cmd_privacy_report, command="privacy report")
     add_site_commands(sub)
     add_provision_commands(sub)
+    add_kit_commands(sub)
+    add_audit_commands(sub)
     return parser
 
 

@@ -83,9 +83,9 @@ def add_provision_commands(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--out",
-        default="workspace/kits",
+        default="workspace/consortium",
         help="where the kits go; an earlier run of the same project there is replaced and its root CA reused "
-        "(default workspace/kits)",
+        "(default workspace/consortium)",
     )
     p.set_defaults(func=_cmd_provision, command="provision")
     actions = p.add_subparsers(dest="action")
@@ -101,6 +101,6 @@ def add_provision_commands(sub: argparse._SubParsersAction) -> None:
         "--site-configs", default=argparse.SUPPRESS, help="folder with consortium.yaml (default site_configs)"
     )
     add.add_argument(
-        "--out", default=argparse.SUPPRESS, help="the earlier provisioning folder (default workspace/kits)"
+        "--out", default=argparse.SUPPRESS, help="the earlier provisioning folder (default workspace/consortium)"
     )
     add.set_defaults(func=_cmd_add_site, command="provision add-site")

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from hospital_fl.errors import InputError
+from hospital_fl.provisioning.certificates import CLIENT_CRT, CLIENT_KEY, ROOT_CA, as_utc, certificate_problems
 
 if TYPE_CHECKING:
     from rich.table import Table
@@ -55,7 +56,7 @@ MIN_PYTHON = (3, 10)
 PINNED: Mapping[str, str] = {"nvflare": "2.9.0", "monai": "1.6.1", "opacus": "1.6.0", "pydicom": "3.0.2"}
 MIN_VERSIONS: Mapping[str, str] = {"torch": "2.4"}
 NOT_CHECKED = "not checked"
-KIT_FILES = ("startup/fed_client.json", "startup/client.crt", "startup/client.key", "startup/rootCA.pem")
+KIT_FILES = ("startup/fed_client.json", CLIENT_CRT, CLIENT_KEY, ROOT_CA)
 
 
 @dataclass(frozen=True)
@@ -244,91 +245,6 @@ def _read_json(path: Path) -> tuple[object, str | None]:
         return None, f"{path} is not valid JSON ({err})"
 
 
-def _utc(value: dt.datetime) -> str:
-    """A time as "2026-01-31 12:00:00 UTC" (a naive time is taken as UTC)."""
-    if value.tzinfo is None:
-        value = value.replace(tzinfo=dt.timezone.utc)
-    return value.astimezone(dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
-
-
-def _validity_problems(label: str, cert, now: dt.datetime) -> list[str]:
-    """What is wrong with ``cert``'s validity dates at ``now``."""
-    before, after = cert.not_valid_before_utc, cert.not_valid_after_utc
-    if now < before:
-        return [f"{label} is not valid before {_utc(before)} (it is {_utc(now)} here: check the server clock)"]
-    if now > after:
-        return [f"{label} expired on {_utc(after)} (ask the consortium operator for a newly provisioned kit)"]
-    return []
-
-
-def _certificate_problems(kit: Path, now: dt.datetime) -> tuple[list[str], str]:
-    """(problems, summary) of the kit's client certificate, its key and its root CA.
-
-    The summary names the client and its issuer; it is "" when the certificate does not load.
-    """
-    from cryptography import x509
-    from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
-    from cryptography.hazmat.primitives import serialization
-
-    crt_name, key_name, ca_name = "startup/client.crt", "startup/client.key", "startup/rootCA.pem"
-    problems: list[str] = []
-
-    def load_cert(name: str):
-        try:
-            return x509.load_pem_x509_certificate((kit / name).read_bytes())
-        except OSError as err:
-            problems.append(f"{name} cannot be read ({type(err).__name__}: {err})")
-        except ValueError as err:
-            problems.append(f"{name} is not a PEM certificate ({err}); unpack the kit again")
-        return None
-
-    cert, ca = load_cert(crt_name), load_cert(ca_name)
-    try:
-        key = serialization.load_pem_private_key((kit / key_name).read_bytes(), password=None)
-    except OSError as err:
-        key = None
-        problems.append(f"{key_name} cannot be read ({type(err).__name__}: {err})")
-    except (ValueError, TypeError, UnsupportedAlgorithm) as err:
-        key = None
-        problems.append(f"{key_name} is not an unencrypted PEM private key ({err}); unpack the kit again")
-
-    if cert is not None and ca is not None:
-        try:
-            cert.verify_directly_issued_by(ca)
-        except InvalidSignature:
-            problems.append(
-                f"{crt_name} was not issued by {ca_name} (its signature does not verify with that CA's key); "
-                "use the kit the consortium operator provisioned for this site"
-            )
-        except (ValueError, TypeError) as err:
-            problems.append(
-                f"{crt_name} was not issued by {ca_name} ({err}); "
-                "use the kit the consortium operator provisioned for this site"
-            )
-    if ca is not None:
-        problems += _validity_problems(ca_name, ca, now)
-    if cert is not None:
-        problems += _validity_problems(crt_name, cert, now)
-    if cert is not None and key is not None:
-        spki = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
-        try:
-            same = key.public_key().public_bytes(*spki) == cert.public_key().public_bytes(*spki)
-        except (ValueError, TypeError, UnsupportedAlgorithm):
-            same = False
-        if not same:
-            problems.append(
-                f"{key_name} does not belong to {crt_name} (its public key differs); "
-                "unpack the key and certificate from the same kit"
-            )
-    summary = ""
-    if cert is not None:
-        summary = (
-            f"client {cert.subject.rfc4514_string()} issued by {cert.issuer.rfc4514_string()}, "
-            f"valid until {_utc(cert.not_valid_after_utc)}"
-        )
-    return problems, summary
-
-
 def check_startup_kit(kit_dir: str | Path, now: dt.datetime | None = None) -> CheckResult:
     """The site's FLARE startup kit is complete, and its certificate is valid and issued by its root CA.
 
@@ -354,11 +270,7 @@ def check_startup_kit(kit_dir: str | Path, now: dt.datetime | None = None) -> Ch
     _, json_problem = _read_json(kit / "startup" / "fed_client.json")
     if json_problem:
         problems.append(f"{json_problem}; unpack the kit again")
-    if now is None:
-        now = dt.datetime.now(dt.timezone.utc)
-    elif now.tzinfo is None:
-        now = now.replace(tzinfo=dt.timezone.utc)
-    cert_problems, summary = _certificate_problems(kit, now)
+    cert_problems, summary = certificate_problems(kit, as_utc(now))
     problems += cert_problems
     if problems:
         return CheckResult(name, False, "; ".join(problems))

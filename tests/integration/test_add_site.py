@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 from cryptography import x509
+from hospital_fl.audit import read_trail, verify_trail
 from hospital_fl.cli_provision import add_provision_commands
 from hospital_fl.errors import InputError
 from hospital_fl.flare import provision as provision_module
@@ -97,6 +98,14 @@ def test_a_new_hospital_joins_with_the_existing_root_ca_and_he_context(tmp_path,
     ]
     assert [b["path"] for b in project["builders"]] == [b["path"] for b in expected["builders"]]
     assert not [p for p in issued.out_dir.iterdir() if p.name.startswith(".")]  # no staging left
+    last = read_trail(issued.out_dir / "audit.jsonl")[-1]
+    assert (last.event, last.details["name"], last.details["added_to"]) == (
+        "kit.issued",
+        "hospital-d",
+        "chest_xray_consortium",
+    )
+    assert last.details["archive_sha256"] == manifest["kits"][4]["archive_sha256"]
+    assert verify_trail(issued.out_dir / "audit.jsonl").ok
 
 
 def test_a_later_full_provisioning_keeps_the_added_hospitals_certificate(tmp_path, consortium):
@@ -139,6 +148,7 @@ def test_without_an_earlier_run_nothing_can_sign_the_kit(tmp_path):
 def test_a_failed_addition_leaves_everything_as_it_was(tmp_path, consortium, monkeypatch):
     configs, issued = consortium
     before = _tree_digest(issued.out_dir)
+    names_before = sorted(p.name for p in issued.out_dir.iterdir())
 
     def broken(*args, **kwargs):
         raise OSError("disk full")
@@ -148,7 +158,7 @@ def test_a_failed_addition_leaves_everything_as_it_was(tmp_path, consortium, mon
         add_site(configs, _new_hospital(tmp_path), issued.out_dir)
 
     assert _tree_digest(issued.out_dir) == before
-    assert sorted(p.name for p in issued.out_dir.iterdir()) == ["kits", "project.yml", "provision.json", "state"]
+    assert sorted(p.name for p in issued.out_dir.iterdir()) == names_before
 
 
 def test_the_command_names_the_new_kit(tmp_path, consortium, capsys):

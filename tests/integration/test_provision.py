@@ -169,6 +169,23 @@ def test_reprovisioning_keeps_the_root_ca_and_the_existing_certificates(tmp_path
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "site_configs"]
 
 
+def test_the_operators_audit_trail_records_every_run_and_kit_across_runs(tmp_path):
+    from hospital_fl.audit import read_trail, verify_trail
+
+    configs = _configs(tmp_path, he=False)
+    first = provision(configs, tmp_path / "out")
+    provision(configs, tmp_path / "out")  # replaces the kits, keeps the trail
+
+    trail = first.out_dir / "audit.jsonl"
+    assert verify_trail(trail).ok
+    events = [(r.event, r.details.get("name")) for r in read_trail(trail)]
+    one_run = [("provision.run", None), *[("kit.issued", k.name) for k in first.kits]]
+    assert events == one_run + one_run
+    manifest = json.loads((first.out_dir / "provision.json").read_text())
+    last_kits = {r.details["name"]: r.details["archive_sha256"] for r in read_trail(trail)[-len(first.kits) :]}
+    assert last_kits == {k["name"]: k["archive_sha256"] for k in manifest["kits"]}
+
+
 def test_a_failed_run_leaves_no_kits_and_keeps_the_earlier_ones(tmp_path, monkeypatch):
     configs = _configs(tmp_path, he=False)
 

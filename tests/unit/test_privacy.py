@@ -106,6 +106,24 @@ def test_ledger_survives_reopening_and_composes_jobs_like_opacus(tmp_path):
     assert summary["lifetime_epsilon"] == pytest.approx(acc.get_epsilon(1e-5), abs=1e-9)
 
 
+def test_every_spend_is_on_the_sites_hash_chained_audit_trail(tmp_path):
+    from hospital_fl.audit import read_trail, verify_trail
+
+    ledger = PrivacyLedger.create(tmp_path / "ledger.json", "site-1")
+    ledger.record("job-a", "sample", 1.0, 0.05, 50)
+    ledger.record("job-a", "sample", 1.0, 0.05, 25)
+    ledger.record("job-b", "metrics", 5.0, 1.0, 0)  # nothing released, nothing recorded
+
+    trail = tmp_path / "audit.jsonl"
+    assert verify_trail(trail).ok
+    records = read_trail(trail)
+    assert [(r.event, r.actor, r.details["steps"]) for r in records] == [
+        ("privacy.spend", "job job-a", 50),
+        ("privacy.spend", "job job-a", 25),
+    ]
+    assert records[1].details["site"] == "site-1" and records[1].details["noise_multiplier"] == 1.0
+
+
 def test_ledger_is_never_reset_or_overwritten(tmp_path):
     path = tmp_path / "ledger.json"
     ledger = PrivacyLedger.create(path, "site-1")

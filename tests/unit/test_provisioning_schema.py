@@ -392,4 +392,4 @@ def test_the_provision_command_defaults_to_the_example_configs():
 
     args = parser.parse_args(["provision"])
 
-    assert (args.command, args.site_configs, args.out) == ("provision", "site_configs", "workspace/kits")
+    assert (args.command, args.site_configs, args.out) == ("provision", "site_configs", "workspace/consortium")

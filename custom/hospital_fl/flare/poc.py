@@ -53,6 +53,14 @@ from hospital_fl.privacy.setup import init_site_privacy
 __all__ = [
     "DEFAULT_PORT",
     "PocSystem",
+    "LiveSystem",
+    "system_from_kits",
+    "running_system",
+    "submit_folder",
+    "wait_for_job",
+    "run_job",
+    "connected_clients",
+    "kit_env",
     "poc_project",
     "check_ports_free",
     "poc_processes",
@@ -72,7 +80,16 @@ _TEMPLATE_PROJECT = "dummy_project.yml"  # in nvflare.lighter: the template `nvf
 
 @dataclass(frozen=True)
 class PocSystem:
-    """A prepared POC workspace: where each participant's startup kit lives."""
+    """Startup kits of one FLARE system on this machine: a POC workspace, or the kits
+    `hospital-fl provision` issued (system_from_kits).
+
+    Attributes:
+        workspace: folder holding every kit (processes are found by this path).
+        prod_dir: folder whose sub-folders are the kits, one per participant name.
+        server: the server's participant name.
+        clients: the client (hospital) names started with the system.
+        admin: the admin user whose kit logs in (and shuts the system down).
+    """
 
     workspace: Path
     prod_dir: Path
@@ -153,6 +170,35 @@ def poc_processes(workspace: str | Path) -> list[psutil.Process]:
     return found
 
 
+def system_from_kits(kits_dir: str | Path, admin: str, clients: tuple[str, ...] | None = None) -> PocSystem:
+    """The system whose kits ``hospital-fl provision`` wrote to ``kits_dir`` (its out/kits).
+
+    Args:
+        kits_dir: folder with one unpacked kit per participant.
+        admin: the admin user (email) whose kit logs in; needs the right to shut down.
+        clients: the hospitals to start (default: every hospital kit there).
+    """
+    kits = Path(kits_dir).resolve()
+    kinds = {"server": [], "client": [], "admin": []}
+    for kit in sorted(p for p in kits.iterdir() if p.is_dir()) if kits.is_dir() else []:
+        for kind in kinds:
+            if (kit / "startup" / f"fed_{kind}.json").is_file():
+                kinds[kind].append(kit.name)
+    if len(kinds["server"]) != 1 or admin not in kinds["admin"]:
+        raise InputError(
+            "startup kits folder",
+            str(kits),
+            f"it must hold one server kit and the kit of admin {admin!r} (found servers {kinds['server']}, "
+            f"admins {kinds['admin']})",
+            "pass the kits/ folder of a `hospital-fl provision` run and one of its admins",
+        )
+    chosen = tuple(kinds["client"]) if clients is None else tuple(clients)
+    unknown = sorted(set(chosen) - set(kinds["client"]))
+    if unknown:
+        raise InputError("clients", unknown, f"no hospital kit in {kits} has this name", f"use {kinds['client']}")
+    return PocSystem(workspace=kits, prod_dir=kits, server=kinds["server"][0], clients=chosen, admin=admin)
+
+
 # ---------------------------------------------------------------- steps
 
 
@@ -183,42 +229,53 @@ def _prepare(workspace: Path, project: dict) -> PocSystem:
     )
 
 
-def _start(system: PocSystem, procs: list[subprocess.Popen]) -> None:
-    """Start the server and each client from its kit's startup script, as `nvflare poc start`
-    does; each process is appended to ``procs`` as soon as it exists, for the cleanup."""
+def kit_env() -> dict:
+    """The environment a kit's start script runs in: `python3` is this interpreter, which
+    has hospital_fl installed (as the site image has)."""
     env = dict(os.environ)
-    # The kits' scripts run `python3`: make it this interpreter, which has hospital_fl installed.
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-    for name in system.participants:
+    return env
+
+
+def _start(system: PocSystem, procs: dict[str, subprocess.Popen], names: tuple[str, ...]) -> None:
+    """Start each named participant from its kit's startup script, as `nvflare poc start`
+    does; each process enters ``procs`` as soon as it exists, for the cleanup."""
+    env = kit_env()
+    for name in names:
         kit = system.kit(name)
         with open(kit / CONSOLE_LOG, "a", buffering=1) as console:
-            procs.append(
-                subprocess.Popen(
-                    ["bash", str(kit / "startup" / "sub_start.sh")],
-                    cwd=kit,
-                    env=env,
-                    stdin=subprocess.DEVNULL,
-                    stdout=console,
-                    stderr=subprocess.STDOUT,
-                    # A session of its own: a terminal Ctrl-C reaches only us, and our cleanup then
-                    # shuts the system down in order instead of each process dying on its own.
-                    start_new_session=True,
-                )
+            procs[name] = subprocess.Popen(
+                ["bash", str(kit / "startup" / "sub_start.sh")],
+                cwd=kit,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=console,
+                stderr=subprocess.STDOUT,
+                # A session of its own: a terminal Ctrl-C reaches only us, and our cleanup then
+                # shuts the system down in order instead of each process dying on its own.
+                start_new_session=True,
             )
 
 
-def _check_alive(system: PocSystem, procs: list[subprocess.Popen]) -> None:
+def _check_alive(system: PocSystem, procs: dict[str, subprocess.Popen]) -> None:
     """Fail fast when a participant's start script has exited (it restarts a crashed process
     itself, so an exit means it gave up)."""
-    for name, proc in zip(system.participants, procs):
+    for name, proc in procs.items():
         if proc.poll() is not None:
             raise RuntimeError(
                 f"POC participant {name} exited with code {proc.returncode}; read {system.kit(name) / CONSOLE_LOG}"
             )
 
 
-def _connect(system: PocSystem, procs: list[subprocess.Popen], timeout_s: float) -> Session:
-    """Log in as the project admin once the server answers and every client has registered."""
+def connected_clients(session: Session) -> set[str]:
+    """The clients registered with the server right now."""
+    return {client.name for client in session.get_system_info().client_info}
+
+
+def _connect(
+    system: PocSystem, procs: dict[str, subprocess.Popen], timeout_s: float, clients: tuple[str, ...] | None = None
+) -> Session:
+    """Log in as the admin once the server answers and every client has registered."""
     deadline, last = time.monotonic() + timeout_s, "server not reachable yet"
     while time.monotonic() < deadline:
         _check_alive(system, procs)
@@ -226,8 +283,7 @@ def _connect(system: PocSystem, procs: list[subprocess.Popen], timeout_s: float)
         try:
             with _quiet_admin_client():
                 session = new_secure_session(system.admin, str(system.kit(system.admin)), timeout=5.0)
-            connected = {client.name for client in session.get_system_info().client_info}
-            missing = sorted(set(system.clients) - connected)
+            missing = sorted(set(system.clients if clients is None else clients) - connected_clients(session))
             if not missing:
                 return session
             last = f"clients not connected yet: {', '.join(missing)}"
@@ -278,13 +334,14 @@ def _describe(proc: psutil.Process) -> str:
     return str(proc.pid)
 
 
-def _stop(system: PocSystem, procs: list[subprocess.Popen]) -> list[int]:
+def _stop(system: PocSystem, procs_by_name: dict[str, subprocess.Popen]) -> list[int]:
     """Shut the POC system down; returns the pids that survived every attempt (normally none).
 
     First FLARE's own graceful shutdown (what `nvflare poc stop` does: abort running
     jobs, stop clients and server), then signals to whatever is left.
     """
     started = time.monotonic()
+    procs = list(procs_by_name.values())
     if any(proc.poll() is None for proc in procs):
         try:
             with _quiet_admin_client():
@@ -338,6 +395,150 @@ def _quiet_admin_client() -> Iterator[None]:
 # ---------------------------------------------------------------- orchestration
 
 
+@dataclass
+class LiveSystem:
+    """A started system: its admin session and the start-script process of each participant."""
+
+    system: PocSystem
+    session: Session
+    procs: dict[str, subprocess.Popen]
+
+    def start_clients(self, names: tuple[str, ...], timeout_s: float = CONNECT_TIMEOUT_S) -> None:
+        """Start more hospitals from their kits (in the same kits folder) and wait until they registered."""
+        _start(self.system, self.procs, names)
+        deadline = time.monotonic() + timeout_s
+        while not set(names) <= connected_clients(self.session):
+            _check_alive(self.system, self.procs)
+            if time.monotonic() >= deadline:
+                raise TimeoutError(
+                    f"{', '.join(names)} did not register within {timeout_s:.0f}s; read their {CONSOLE_LOG}"
+                )
+            time.sleep(POLL_S)
+
+    def check_alive(self) -> None:
+        _check_alive(self.system, self.procs)
+
+
+@contextlib.contextmanager
+def running_system(system: PocSystem, connect_timeout_s: float = CONNECT_TIMEOUT_S) -> Iterator[LiveSystem]:
+    """Start the server and clients from their kits, log in as the admin, and always shut
+    the system down on leaving (also on Ctrl-C or SIGTERM, and also when the start failed).
+
+    Raises:
+        TimeoutError: the system did not come up in time.
+        RuntimeError: processes survived the shutdown (their pids are named).
+    """
+    procs: dict[str, subprocess.Popen] = {}
+    session: Session | None = None
+    with sigterm_as_interrupt():
+        try:
+            tick = time.monotonic()
+            _start(system, procs, system.participants)
+            session = _connect(system, procs, connect_timeout_s)
+            log.info("FLARE server and %d clients up in %.1fs", len(system.clients), time.monotonic() - tick)
+            yield LiveSystem(system, session, procs)
+        finally:
+            if session is not None:
+                with contextlib.suppress(Exception):
+                    session.close()
+            # A second Ctrl-C or SIGTERM must not cut the shutdown short.
+            previous = (
+                {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+                if threading.current_thread() is threading.main_thread()
+                else {}
+            )
+            try:
+                survivors = _stop(system, procs)
+            finally:
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
+            if survivors:
+                raise RuntimeError(
+                    f"FLARE processes {survivors} survived shutdown and SIGKILL; end them with `kill -9 {survivors[0]}`"
+                )
+
+
+def submit_folder(session: Session, job_dir: str | Path) -> str:
+    """Submit a job folder through the admin API; returns the job id.
+
+    The admin client signs a job by writing files into the folder it submits: a copy is
+    submitted, so the user's folder (e.g. a checked-in jobs/) stays as it was.
+    """
+    with tempfile.TemporaryDirectory() as jobs_dir:
+        folder = Path(shutil.copytree(job_dir, Path(jobs_dir) / Path(job_dir).name))
+        return session.submit_job(str(folder.resolve()))
+
+
+def wait_for_job(
+    live: LiveSystem, job_id: str, timeout_s: float, on_round: Callable[[int], None] | None = None
+) -> dict:
+    """Follow ``job_id`` to its end; returns its meta. A job past ``timeout_s`` is aborted.
+
+    Raises:
+        TimeoutError: the job did not end in time.
+        RuntimeError: a participant's process died meanwhile.
+    """
+    system, session = live.system, live.session
+
+    def still_running(*_) -> bool:  # monitor callback: raises if a participant's process died
+        live.check_alive()
+        return True
+
+    with RoundWatcher(system.kit(system.server) / job_id, on_round or (lambda rounds: None)):
+        code, meta = session.monitor_job_and_return_job_meta(
+            job_id, timeout=timeout_s, poll_interval=POLL_S, cb=still_running
+        )
+    if code == MonitorReturnCode.TIMEOUT:
+        with contextlib.suppress(Exception):
+            session.abort_job(job_id)
+        raise TimeoutError(
+            f"job {job_id} did not finish within timeout_s={timeout_s:g}s and was aborted; "
+            f"read {_job_server_log(system, job_id, None)}, or raise timeout_s"
+        )
+    return meta
+
+
+def run_job(
+    live: LiveSystem,
+    job_dir: str | Path,
+    result_root: str | Path,
+    timeout_s: float = 900,
+    on_round: Callable[[int], None] | None = None,
+) -> FederatedRun:
+    """Submit ``job_dir`` to a running system, follow it, download and read its result.
+
+    Raises:
+        TimeoutError: the job did not finish in time (it was aborted).
+        RuntimeError: the job ended in a failed state (the message names the server log).
+    """
+    reported = 0
+
+    def report(rounds: int) -> None:
+        nonlocal reported
+        reported = max(reported, rounds)
+        if on_round is not None:
+            on_round(rounds)
+
+    start = time.perf_counter()
+    job_id = submit_folder(live.session, job_dir)
+    log.info("submitted job %s", job_id)
+    meta = wait_for_job(live, job_id, timeout_s, report)
+    wall = time.perf_counter() - start
+    status = meta["status"]
+    log.info("job %s ended %s after %.1fs", job_id, status, wall)
+    downloaded = _download(live.session, job_id, Path(result_root))
+    if status != RunStatus.FINISHED_COMPLETED.value or downloaded is None:
+        raise RuntimeError(
+            f"job {job_id} ended with status {status}"
+            f"{'' if downloaded else ' and its result could not be downloaded'}; "
+            f"read the server log {_job_server_log(live.system, job_id, downloaded)}"
+        )
+    run = read_job_result(downloaded, wall)
+    if reported < len(run.history):
+        report(len(run.history))  # the server may remove its job folder before the last log line is read
+    return run
+
+
 def run_in_poc(
     spec: JobSpec,
     workspace_root: str | Path,
@@ -374,18 +575,6 @@ def run_in_poc(
     root = Path(workspace_root).resolve()
     root.mkdir(parents=True, exist_ok=True)
     project = poc_project(spec.num_sites, port)
-    reported = 0
-
-    def report(rounds: int) -> None:
-        nonlocal reported
-        reported = max(reported, rounds)
-        if on_round is not None:
-            on_round(rounds)
-
-    def still_running(*_) -> bool:  # monitor callback: raises if a participant's process died
-        _check_alive(system, procs)
-        return True
-
     # Before prepare: `prepare --force` wipes the workspace, and with it the kits an
     # earlier POC system on this port would need for `nvflare poc stop`.
     check_ports_free([port])
@@ -401,69 +590,6 @@ def run_in_poc(
             site_setup(site, system.kit(site))
     log.info("POC prepared in %.1fs at %s", time.monotonic() - tick, system.workspace)
 
-    procs: list[subprocess.Popen] = []
-    session: Session | None = None
-    with sigterm_as_interrupt():
-        try:
-            tick = time.monotonic()
-            _start(system, procs)
-            session = _connect(system, procs, CONNECT_TIMEOUT_S)
-            log.info("POC server and %d clients up in %.1fs", len(system.clients), time.monotonic() - tick)
-
-            with tempfile.TemporaryDirectory() as jobs_dir:
-                if job_dir is None:
-                    folder = export_job(spec, jobs_dir)
-                else:
-                    # The admin client signs a job by writing files into the folder it submits:
-                    # submit a copy, so the user's folder (e.g. a checked-in jobs/) stays as it was.
-                    folder = Path(shutil.copytree(job_dir, Path(jobs_dir) / Path(job_dir).name))
-                start = time.perf_counter()
-                job_id = session.submit_job(str(folder.resolve()))
-            log.info("submitted job %s", job_id)
-            with RoundWatcher(system.kit(system.server) / job_id, report):
-                code, meta = session.monitor_job_and_return_job_meta(
-                    job_id,
-                    timeout=timeout_s,
-                    poll_interval=POLL_S,
-                    cb=still_running,
-                )
-            wall = time.perf_counter() - start
-            if code == MonitorReturnCode.TIMEOUT:
-                with contextlib.suppress(Exception):
-                    session.abort_job(job_id)
-                raise TimeoutError(
-                    f"job {job_id} did not finish within timeout_s={timeout_s:g}s and was aborted; "
-                    f"read {_job_server_log(system, job_id, None)}, or raise timeout_s"
-                )
-            status = meta["status"]
-            log.info("job %s ended %s after %.1fs", job_id, status, wall)
-            downloaded = _download(session, job_id, root / "result")
-            if status != RunStatus.FINISHED_COMPLETED.value or downloaded is None:
-                raise RuntimeError(
-                    f"job {job_id} ended with status {status}"
-                    f"{'' if downloaded else ' and its result could not be downloaded'}; "
-                    f"read the server log {_job_server_log(system, job_id, downloaded)}"
-                )
-            run = read_job_result(downloaded, wall)
-            if reported < len(run.history):
-                report(len(run.history))  # the server may remove its job folder before the last log line is read
-            return run
-        finally:
-            if session is not None:
-                with contextlib.suppress(Exception):
-                    session.close()
-            # A second Ctrl-C or SIGTERM must not cut the shutdown short.
-            previous = (
-                {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
-                if threading.current_thread() is threading.main_thread()
-                else {}
-            )
-            try:
-                survivors = _stop(system, procs)
-            finally:
-                for sig, handler in previous.items():
-                    signal.signal(sig, handler)
-            if survivors:
-                raise RuntimeError(
-                    f"POC processes {survivors} survived shutdown and SIGKILL; end them with `kill -9 {survivors[0]}`"
-                )
+    with running_system(system) as live, tempfile.TemporaryDirectory() as jobs_dir:
+        folder = export_job(spec, jobs_dir) if job_dir is None else Path(job_dir)
+        return run_job(live, folder, root / "result", timeout_s, on_round)

@@ -12,6 +12,7 @@ prov_utils.prepare_builders, provisioner.Provisioner). The result::
                          the operator, back it up, never ship it; a later run reuses it
       kits/<name>/       one startup kit per participant (server, hospitals, admins)
       kits/<name>.zip    the same kit as one archive, to hand to its participant
+      audit.jsonl        hash-chained record of every run and kit issued (hospital_fl.audit)
 
 Everything is built in a temporary sibling of ``out_dir`` and renamed into place only
 once complete: a failed run leaves ``out_dir`` as it was.
@@ -26,6 +27,7 @@ are signed like the rest of the kit.
 from __future__ import annotations
 
 import copy
+import getpass
 import hashlib
 import importlib.metadata
 import importlib.util
@@ -33,6 +35,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import tempfile
 import time
 from dataclasses import dataclass
@@ -47,6 +50,7 @@ from nvflare.lighter.spec import Builder, Project, ProvisionContext
 from nvflare.lighter.utils import write
 
 import hospital_fl
+from hospital_fl.audit import AUDIT_FILE, append_event
 from hospital_fl.errors import InputError
 from hospital_fl.flare.site_policy import allow_bundle_components
 from hospital_fl.provisioning.project import (
@@ -54,6 +58,7 @@ from hospital_fl.provisioning.project import (
     render_project,
     site_policies,
     with_gpu_resources,
+    with_job_auditor,
     with_job_type_gate,
 )
 from hospital_fl.provisioning.schema import (
@@ -160,6 +165,8 @@ class HospitalKitBuilder(Builder):
             local = Path(ctx.get_local_dir(participant))
             if participant.name in self.bundle_participants:
                 allow_bundle_components(local)
+            if participant.type == ParticipantType.SERVER:
+                _edit_json(local / "resources.json", with_job_auditor)
             site = self.sites.get(participant.name)
             if site is None:
                 continue
@@ -211,6 +218,11 @@ class IssuedHEContextBuilder(Builder):
             shutil.copyfile(
                 self.client_context, os.path.join(ctx.get_kit_dir(client), ProvFileName.CLIENT_CONTEXT_TENSEAL)
             )
+
+
+def _edit_json(path: Path, edit) -> None:
+    source = path if path.exists() else path.with_name(ProvFileName.RESOURCES_JSON_DEFAULT)
+    path.write_text(json.dumps(edit(json.loads(source.read_text())), indent=2) + "\n")
 
 
 def _replace_once(text: str, old: str, new: str) -> str:
@@ -355,6 +367,7 @@ def provision(site_configs_dir: str | Path, out_dir: str | Path) -> ProvisionRes
             "nvflare_version": importlib.metadata.version("nvflare"),
             "kits": [_kit_entry(k, kits_dir / k.archive.name) for k in kits],
         }
+        _audit_issue(staging / AUDIT_FILE, out / AUDIT_FILE, manifest, site_configs_dir)
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")  # last: marks a complete run
         _swap_into_place(staging, out)
     except BaseException:
@@ -378,6 +391,37 @@ def _sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def _operator() -> str:
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # no passwd entry (some containers)
+        user = f"uid {os.getuid()}"
+    return f"{user}@{socket.gethostname()}"
+
+
+def _audit_issue(trail: Path, earlier: Path | None, manifest: dict, site_configs_dir) -> None:
+    """Append this run and every kit it issued to the operator's audit trail (carried over from
+    the earlier run in the folder, so the trail outlives the kits it replaces)."""
+    if earlier is not None and earlier.is_file():
+        shutil.copy2(earlier, trail)
+    actor = _operator()
+    append_event(
+        trail,
+        "provision.run",
+        actor,
+        {
+            "project": manifest["project"],
+            "site_configs": str(Path(site_configs_dir).resolve()),
+            "he": manifest["he"],
+            "root_ca_sha256": manifest["root_ca_sha256"],
+            "root_ca_reused": manifest["root_ca_reused"],
+            "kits": len(manifest["kits"]),
+        },
+    )
+    for kit in manifest["kits"]:
+        append_event(trail, "kit.issued", actor, {k: kit[k] for k in ("name", "type", "org", "archive_sha256")})
 
 
 def _kit_entry(kit: Kit, archive: Path) -> dict:
@@ -617,6 +661,9 @@ def add_site(site_configs_dir: str | Path, hospital_file: str | Path, out_dir: s
         raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+    entry = next(k for k in new_manifest["kits"] if k["name"] == hospital.name)
+    details = {k: entry[k] for k in ("name", "type", "org", "archive_sha256")}
+    append_event(out / AUDIT_FILE, "kit.issued", _operator(), {**details, "added_to": consortium.name})
     return AddedSite(
         kit=kit,
         out_dir=out,

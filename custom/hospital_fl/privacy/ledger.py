@@ -24,6 +24,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+from hospital_fl.audit import AUDIT_FILE, append_event
 from hospital_fl.errors import InputError
 from hospital_fl.privacy.accounting import Release, epsilon_of
 
@@ -171,6 +172,20 @@ class PrivacyLedger:
             else:
                 entries.append(LedgerEntry(job_id, mechanism, float(noise_multiplier), float(sample_rate), steps, now))
             self._write(site, entries)
+            # the site's own tamper-evident record of every spend, beside its ledger
+            append_event(
+                self.path.with_name(AUDIT_FILE),
+                "privacy.spend",
+                f"job {job_id}",
+                {
+                    "site": site,
+                    "mechanism": mechanism,
+                    "noise_multiplier": float(noise_multiplier),
+                    "sample_rate": float(sample_rate),
+                    "steps": int(steps),
+                    "ledger_checksum": _checksum(site, [asdict(e) for e in entries]),
+                },
+            )
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:

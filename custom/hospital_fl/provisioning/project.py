@@ -33,6 +33,8 @@ __all__ = [
     "site_policies",
     "with_gpu_resources",
     "with_job_type_gate",
+    "with_job_auditor",
+    "JOB_AUDITOR",
     "JOB_TYPE_VALIDATOR",
 ]
 
@@ -40,6 +42,7 @@ API_VERSION = 3
 SCHEME = "grpc"
 KIT_BUILDER = "hospital_fl.flare.provision.HospitalKitBuilder"
 GPU_RESOURCE_MANAGER = "nvflare.app_common.resource_managers.gpu_resource_manager.GPUResourceManager"
+JOB_AUDITOR = "hospital_fl.flare.job_audit.JobAuditor"
 JOB_TYPE_VALIDATOR = "hospital_fl.flare.job_type_gate.JobTypeValidator"
 GPU_RESOURCE_CONSUMER = "nvflare.app_common.resource_consumers.gpu_resource_consumer.GPUResourceConsumer"
 # FLARE's HEBuilder defaults, written out so project.yml states the CKKS parameters.
@@ -139,6 +142,15 @@ def site_policies(hospital: HospitalConfig) -> dict:
         "docker_image": hospital.image,
         "data_root": hospital.data_root,
     }
+
+
+def with_job_auditor(resources: dict) -> dict:
+    """A copy of the server's resources.json with the component that records each job
+    (who submitted it, where it ran, how it ended) in the server's audit trail."""
+    out = copy.deepcopy(resources)
+    components = [c for c in out.get("components", []) if c.get("id") != "hospital_fl_job_auditor"]
+    out["components"] = [*components, {"id": "hospital_fl_job_auditor", "path": JOB_AUDITOR, "args": {}}]
+    return out
 
 
 def with_job_type_gate(resources: dict, allowed_job_types: list[str], site: str) -> dict:
