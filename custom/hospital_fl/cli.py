@@ -172,6 +172,8 @@ def _cmd_bench(args) -> int:
         return _bench_aggregation(args)
     if args.suite == "ingest":
         return _bench_ingest(args)
+    if args.suite == "provision":
+        return _bench_provision(args)
     from hospital_fl.bench import run_benchmark
 
     spec = _spec_from_args(args)
@@ -261,6 +263,17 @@ def _bench_ingest(args) -> int:
     return 0
 
 
+def _bench_provision(args) -> int:
+    from hospital_fl.bench_provision import run_provision_benchmark
+
+    result = run_provision_benchmark(args.site_configs, Path(args.workspace) / "provision")
+    out = Path(args.out if args.out != "out/bench.json" else "out/provision_bench.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+    print(json.dumps(result) if args.json else json.dumps(result, indent=2))
+    return 0
+
+
 def _cmd_privacy_init(args) -> int:
     from hospital_fl.privacy.policy import SitePrivacyPolicy
     from hospital_fl.privacy.setup import init_site_privacy
@@ -328,7 +341,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="benchmarks printing JSON: cxr (federated vs centralized vs local-only, FLARE overhead) "
         "or privacy (AUC vs epsilon)",
     )
-    bench.add_argument("suite", nargs="?", default="cxr", choices=["cxr", "privacy", "aggregation", "ingest"])
+    bench.add_argument(
+        "suite", nargs="?", default="cxr", choices=["cxr", "privacy", "aggregation", "ingest", "provision"]
+    )
     _add_job_options(bench)
     bench.add_argument("--epsilons", type=float, nargs="+", default=[1.0, 3.0, 8.0], help="privacy suite")
     bench.add_argument(
@@ -342,6 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="aggregation suite: which sweeps to run (default all)",
     )
     bench.add_argument("--copies", type=int, default=40, help="ingest suite: files per transfer syntax")
+    bench.add_argument("--site-configs", default="site_configs", help="provision suite: the consortium to provision")
     bench.add_argument("--json", action="store_true", help="print the summary as one JSON line")
     bench.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     bench.add_argument("--stock", action="store_true", help="also time stock NVFlare FedAvgRecipe on the same work")
