@@ -26,7 +26,7 @@ from hospital_fl.flare.provision import provision
 from hospital_fl.provisioning.rehearsal import PROJECT_ADMIN, loopback_site_configs, write_site_configs
 from hospital_fl.training.config import TrainConfig
 
-__all__ = ["run_provision_benchmark", "TARGET_PROVISION_S", "TARGET_KITS_TO_JOB_S", "TINY_JOB"]
+__all__ = ["run_provision_benchmark", "TARGET_PROVISION_S", "TARGET_KITS_TO_JOB_S", "TINY_JOB", "free_ports"]
 
 TARGET_PROVISION_S = 10.0
 TARGET_KITS_TO_JOB_S = 180.0
@@ -35,7 +35,8 @@ TINY_JOB = replace(
 )
 
 
-def _free_ports(n: int) -> list[int]:
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct TCP ports free on loopback right now (for a rehearsal server)."""
     sockets = [socket.socket() for _ in range(n)]
     try:
         for s in sockets:
@@ -57,7 +58,7 @@ def run_provision_benchmark(site_configs: str | Path, workspace: str | Path, rep
         result = provision(site_configs, root / f"example_{i}")
         provision_s.append(round(result.seconds, 3))
 
-    fl_port, admin_port = _free_ports(2)
+    fl_port, admin_port = free_ports(2)
     configs = write_site_configs(root / "loopback_configs", *loopback_site_configs(fl_port, admin_port))
     loopback = provision(configs, root / "loopback")
     system = system_from_kits(loopback.out_dir / "kits", PROJECT_ADMIN)

@@ -6,17 +6,15 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import subprocess
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import yaml
 from hospital_fl.audit import read_trail, verify_trail
-from hospital_fl.data.splits import SplitConfig
-from hospital_fl.flare.jobs import STANDARD_JOBS, export_job
+from hospital_fl.bench_provision import TINY_JOB, free_ports
+from hospital_fl.flare.jobs import export_job
 from hospital_fl.flare.poc import (
     connected_clients,
     kit_env,
@@ -30,26 +28,10 @@ from hospital_fl.flare.poc import (
 from hospital_fl.flare.profile_job import ProfileRecipe
 from hospital_fl.flare.provision import add_site, provision
 from hospital_fl.provisioning.rehearsal import MEMBER, PROJECT_ADMIN, loopback_site_configs, write_site_configs
-from hospital_fl.training.config import TrainConfig
 from nvflare.fuel.flare_api.api_spec import AuthorizationError
 from nvflare.fuel.flare_api.flare_api import new_secure_session
 
 pytestmark = pytest.mark.integration
-
-TINY = replace(
-    STANDARD_JOBS["cxr_fedavg"], num_rounds=2, split=SplitConfig(num_sites=2), train=TrainConfig(torch_threads=1)
-)
-
-
-def _free_ports(n: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(n)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
 
 
 def _for_sites(job_dir: Path, sites: list[str], **meta_changes) -> Path:
@@ -72,7 +54,7 @@ def _deploy_refusal(live, job_id: str) -> str:
 def consortium(tmp_path_factory):
     pytest.importorskip("tenseal")  # HE on: kits are signed, as hospitals will run them
     root = tmp_path_factory.mktemp("kits_e2e")
-    fl_port, admin_port = _free_ports(2)
+    fl_port, admin_port = free_ports(2)
     configs = write_site_configs(root / "site_configs", *loopback_site_configs(fl_port, admin_port))
     issued = provision(configs, root / "out")
     system = system_from_kits(issued.out_dir / "kits", PROJECT_ADMIN)
@@ -83,7 +65,7 @@ def consortium(tmp_path_factory):
 
 def test_a_tiny_job_runs_from_the_kits_start_scripts(consortium):
     root, _, _, live = consortium
-    job = export_job(TINY, root / "jobs")
+    job = export_job(TINY_JOB, root / "jobs")
 
     run = run_job(live, job, root / "result", timeout_s=300)
 
@@ -96,7 +78,7 @@ def test_a_tiny_job_runs_from_the_kits_start_scripts(consortium):
 
 def test_a_member_cannot_submit_a_job(consortium):
     root, _, issued, _ = consortium
-    job = export_job(TINY, root / "jobs_member")
+    job = export_job(TINY_JOB, root / "jobs_member")
     session = new_secure_session(MEMBER, str(issued.out_dir / "kits" / MEMBER), timeout=10.0)
     try:
         with pytest.raises(AuthorizationError, match="not authorized"):
@@ -115,7 +97,7 @@ def test_a_hospital_added_later_joins_and_its_scope_and_job_types_are_enforced(c
     live.start_clients(("site-3",), timeout_s=120)  # the running server accepts the new kit, no restart
     assert "site-3" in connected_clients(live.session)
 
-    public = _for_sites(export_job(TINY, root / "jobs_public"), ["site-3"], scope="public")
+    public = _for_sites(export_job(TINY_JOB, root / "jobs_public"), ["site-3"], scope="public")
     refusal = _deploy_refusal(live, submit_folder(live.session, public))
     assert "privacy scope 'public' is not allowed" in refusal
 
