@@ -16,8 +16,18 @@ from hospital_fl.errors import InputError
 __all__ = ["main"]
 
 
+DEFAULT_ROUNDS = 10
+
+
 def _add_job_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--rounds", type=int, default=10, help="federated rounds (default 10)")
+    p.add_argument(
+        "--rounds", type=int, default=DEFAULT_ROUNDS, help="federated rounds (default 10; demo --task seg: 3)"
+    )
+    p.add_argument(
+        "--he",
+        action="store_true",
+        help="homomorphic encryption: the server adds CKKS-encrypted updates it cannot read (needs --poc)",
+    )
     p.add_argument("--local-epochs", type=int, default=1, help="local epochs per round (default 1)")
     p.add_argument("--sites", type=int, default=5, help="number of hospitals (default 5)")
     p.add_argument("--alpha", type=float, default=0.5, help="Dirichlet label-skew alpha (default 0.5)")
@@ -81,8 +91,14 @@ def _spec_from_args(args, torch_threads: int = 0):
         if args.dp_mechanism == "none":
             raise InputError("--dp-mechanism", "none", "--dp-epsilon needs a DP mechanism", "use sample")
         privacy = DPConfig(mechanism=args.dp_mechanism, target_epsilon=args.dp_epsilon, delta=args.dp_delta)
+    he = None
+    if getattr(args, "he", False):
+        from hospital_fl.privacy.he_params import CKKSParams
+
+        he = CKKSParams()
     return JobSpec(
-        name=f"cxr_{args.algorithm}" + ("_dp" if privacy.enabled else ""),
+        name=f"cxr_{args.algorithm}" + ("_dp" if privacy.enabled else "") + ("_he" if he else ""),
+        he=he,
         privacy=privacy,
         algorithm=args.algorithm,
         num_rounds=args.rounds,
@@ -105,6 +121,8 @@ def _cmd_demo(args) -> int:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    if args.task == "seg":
+        return _cmd_seg_demo(args)
     from hospital_fl.demo import DemoConfig, co_located_threads, run_demo
 
     if args.job:
@@ -144,8 +162,9 @@ def _cmd_demo(args) -> int:
 
 def _cmd_export_jobs(args) -> int:
     from hospital_fl.flare.jobs import export_standard_jobs
+    from hospital_fl.flare.seg_jobs import SEG_JOBS, export_seg_job
 
-    for path in export_standard_jobs(args.jobs_dir):
+    for path in export_standard_jobs(args.jobs_dir) + [export_seg_job(s, args.jobs_dir) for s in SEG_JOBS.values()]:
         print(path)
     return 0
 
@@ -174,6 +193,10 @@ def _cmd_bench(args) -> int:
         return _bench_ingest(args)
     if args.suite == "provision":
         return _bench_provision(args)
+    if args.suite == "he":
+        return _bench_he(args)
+    if args.suite == "seg":
+        return _bench_seg(args)
     from hospital_fl.bench import run_benchmark
 
     spec = _spec_from_args(args)
@@ -274,6 +297,65 @@ def _bench_provision(args) -> int:
     return 0
 
 
+def _bench_he(args) -> int:
+    import dataclasses
+
+    from hospital_fl.bench_he import run_he_benchmark
+
+    def run(spec, out, progress):
+        return run_he_benchmark(
+            seeds=args.seeds,
+            rounds=spec.num_rounds,
+            split=spec.split,
+            train_cfg=dataclasses.replace(spec.train, torch_threads=0),
+            stock=not args.no_stock,
+            progress=progress,
+        )
+
+    return _run_in_process_bench(args, "out/he_bench.json", run, lambda result, path: None, "")
+
+
+def _cmd_seg_demo(args) -> int:
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from hospital_fl.seg_demo import SegDemoConfig, run_seg_demo
+
+    cfg = SegDemoConfig(
+        rounds=args.rounds if args.rounds != DEFAULT_ROUNDS else 3,
+        mode="poc" if args.poc else "simulator",
+        out_dir=Path(args.out if args.out != "out" else "out/seg"),
+        workspace=Path(args.workspace),
+    )
+    console = Console(stderr=True)
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console) as progress:
+        report = run_seg_demo(cfg, progress)
+    for site in report["sites"]:
+        console.print(
+            f"[bold]{site['name']}[/]: Dice {site['dice']:.3f} on {site['validation_cases']} validation case(s)"
+        )
+    console.print(f"report: {cfg.out_dir / 'report.json'}")
+    return 0
+
+
+def _bench_seg(args) -> int:
+    from rich.console import Console
+    from rich.progress import Progress
+
+    from hospital_fl.bench_seg import run_seg_benchmark
+
+    rounds = args.rounds
+    with Progress(console=Console(stderr=True)) as progress:
+        result = run_seg_benchmark(Path(args.workspace) / "seg", rounds=rounds, seeds=args.seeds, progress=progress)
+    out = Path(args.out if args.out != "out/bench.json" else "out/seg_bench.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+    brief = {k: v for k, v in result.items() if k != "runs"}
+    print(json.dumps(brief) if args.json else json.dumps(brief, indent=2))
+    return 0
+
+
 def _cmd_privacy_init(args) -> int:
     from hospital_fl.privacy.policy import SitePrivacyPolicy
     from hospital_fl.privacy.setup import init_site_privacy
@@ -317,6 +399,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_job_options(demo)
     demo.add_argument("--poc", action="store_true", help="run on a real FLARE POC system instead of the simulator")
     demo.add_argument(
+        "--task",
+        default="cxr",
+        choices=["cxr", "seg"],
+        help="cxr: pneumonia on the embedded chest X-rays (default); seg: brain-tumour segmentation on the "
+        "embedded real MRI sample (report in out/seg)",
+    )
+    demo.add_argument(
         "--job",
         default=None,
         help="run this exported job folder (e.g. jobs/cxr_fedavg) with its own settings; "
@@ -327,7 +416,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=_cmd_demo)
 
     export = sub.add_parser(
-        "export-jobs", help="write the standard job folders (cxr_fedavg, cxr_fedprox, cxr_fedavg_dp)"
+        "export-jobs", help="write the standard job folders (cxr_*, cxr_fedavg_he, seg_fedavg)"
     )
     export.add_argument("--jobs-dir", default="jobs")
     export.set_defaults(func=_cmd_export_jobs)
@@ -342,7 +431,7 @@ def build_parser() -> argparse.ArgumentParser:
         "or privacy (AUC vs epsilon)",
     )
     bench.add_argument(
-        "suite", nargs="?", default="cxr", choices=["cxr", "privacy", "aggregation", "ingest", "provision"]
+        "suite", nargs="?", default="cxr", choices=["cxr", "privacy", "aggregation", "ingest", "provision", "he", "seg"]
     )
     _add_job_options(bench)
     bench.add_argument("--epsilons", type=float, nargs="+", default=[1.0, 3.0, 8.0], help="privacy suite")
@@ -358,6 +447,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("--copies", type=int, default=40, help="ingest suite: files per transfer syntax")
     bench.add_argument("--site-configs", default="site_configs", help="provision suite: the consortium to provision")
+    bench.add_argument("--no-stock", action="store_true", help="he suite: skip stock FLARE HE")
     bench.add_argument("--json", action="store_true", help="print the summary as one JSON line")
     bench.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     bench.add_argument("--stock", action="store_true", help="also time stock NVFlare FedAvgRecipe on the same work")

@@ -63,10 +63,23 @@ def _run_federated(cfg: DemoConfig, on_round: Callable[[int], None]) -> Federate
     return run_in_simulator(cfg.spec, cfg.workspace, on_round=on_round)
 
 
-def _load_global_model(run: FederatedRun, spec: JobSpec) -> torch.nn.Module:
+def _global_weights(run: FederatedRun, workspace: Path) -> dict:
+    """The job's final global weights. An HE job's server holds only ciphertext: the report,
+    like any hospital, decrypts it with a site's kit context (the POC's site-1)."""
+    if run.global_model_path.suffix == ".ckks":
+        from hospital_fl.flare.he import load_payload
+        from hospital_fl.privacy import he
+
+        kit_context = next(Path(workspace).resolve().rglob("site-1/startup/client_context.tenseal"))
+        weights, _ = he.decrypt_update(load_payload(run.global_model_path), he.load_context(kit_context, role="client"))
+        return weights
     checkpoint = torch.load(run.global_model_path, map_location="cpu", weights_only=True)
+    return {k: v.numpy() for k, v in checkpoint["model"].items()}
+
+
+def _load_global_model(weights: dict, spec: JobSpec) -> torch.nn.Module:
     model = build_cxr_model(spec.model)
-    set_weights(model, {k: v.numpy() for k, v in checkpoint["model"].items()})
+    set_weights(model, weights)
     return model
 
 
@@ -91,7 +104,8 @@ def run_demo(cfg: DemoConfig, progress=None) -> dict:
     fed_task = task(f"federated ({cfg.mode}): rounds", spec.num_rounds)
     run = _run_federated(cfg, lambda k: advance(fed_task, completed=k))
     advance(fed_task, completed=spec.num_rounds)
-    fed_model = _load_global_model(run, spec)
+    fed_weights = _global_weights(run, cfg.workspace)
+    fed_model = _load_global_model(fed_weights, spec)
 
     base_task = task("baselines: centralized + local-only", 1 + spec.num_sites)
     baseline_cfg = dataclasses.replace(spec.train, torch_threads=0)
@@ -127,6 +141,7 @@ def run_demo(cfg: DemoConfig, progress=None) -> dict:
             "round_timeout": spec.round_timeout,
             "uplink": spec.uplink.codec,
             "downlink": spec.downlink.codec,
+            "he": spec.he.to_json() if spec.he else None,
             "flare_result": str(run.result_dir),
         },
     )
@@ -145,6 +160,9 @@ def run_demo(cfg: DemoConfig, progress=None) -> dict:
         )
         plot_rounds(report, cfg.out_dir / "rounds.png")
         plot_sites(report, cfg.out_dir / "sites.png")
-    shutil.copy2(run.global_model_path, cfg.out_dir / "global_model.pt")
+    if run.global_model_path.suffix == ".pt":
+        shutil.copy2(run.global_model_path, cfg.out_dir / "global_model.pt")
+    else:  # HE: the decrypted weights, in the layout FLARE's persistor writes
+        torch.save({"model": {k: torch.as_tensor(v) for k, v in fed_weights.items()}}, cfg.out_dir / "global_model.pt")
     advance(eval_task, advance=1)
     return report

@@ -33,11 +33,14 @@ from hospital_fl.models.cxr import ModelConfig, build_cxr_model
 from hospital_fl.privacy.config import DPConfig
 from hospital_fl.privacy.site import SitePrivacy
 from hospital_fl.training.config import TrainConfig
-from hospital_fl.training.site_round import run_site_round
+from hospital_fl.training.site_round import run_site_round, score_global
 
-__all__ = ["CXRTrainExecutor", "TRAIN_TASK"]
+__all__ = ["CXRTrainExecutor", "TRAIN_TASK", "SAMPLE_COUNT_TASK", "VALIDATE_TASK", "FINAL_MODEL_FILE"]
 
 TRAIN_TASK = "train"
+SAMPLE_COUNT_TASK = "sample_count"  # an HE job asks for each site's aggregation weight first
+VALIDATE_TASK = "validate"  # an HE job's final model, decrypted at the site: score it and keep it
+FINAL_MODEL_FILE = "final_global_model.pt"
 
 
 class CXRTrainExecutor(Executor):
@@ -175,13 +178,20 @@ class CXRTrainExecutor(Executor):
         return c_global, self._control
 
     def execute(self, task_name: str, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
-        if task_name != TRAIN_TASK:
+        if task_name not in (TRAIN_TASK, SAMPLE_COUNT_TASK, VALIDATE_TASK):
             return make_reply(ReturnCode.TASK_UNKNOWN)
         if self._gate is None and self._refusal is None:  # START_RUN not seen (e.g. a unit harness)
             self._prepare(fl_ctx)
         if self._refusal is not None:
             return make_reply(ReturnCode.EXECUTION_EXCEPTION)
         site = self._site_data(fl_ctx)
+        if task_name == SAMPLE_COUNT_TASK:
+            # The aggregation weight an HE job's sites apply before encrypting. A DP site
+            # keeps its exact count to itself (it is not covered by the accounting).
+            count = None if self._site_privacy is not None else len(site.train)
+            return FLModelUtils.to_shareable(FLModel(params={}, meta={"n_samples": count}))
+        if task_name == VALIDATE_TASK:
+            return self._score_final(site, shareable, fl_ctx)
         received = FLModelUtils.from_shareable(shareable, fl_ctx)
         if self._site_privacy is not None and (received.total_rounds or 1) > self.num_rounds:
             self.log_error(
@@ -227,3 +237,17 @@ class CXRTrainExecutor(Executor):
             },
         )
         return FLModelUtils.to_shareable(reply)
+
+    def _score_final(self, site: SiteData, shareable: Shareable, fl_ctx: FLContext) -> Shareable:
+        """Score the job's final model (decrypted by the HE filter) on this site's own data and
+        keep it in the site's run folder: in an HE job only the sites can read it."""
+        received = FLModelUtils.from_shareable(shareable, fl_ctx)
+        scores = score_global(site, received.params, self.model_cfg, self.train_cfg.device)
+        run_dir = fl_ctx.get_engine().get_workspace().get_run_dir(fl_ctx.get_job_id())
+        torch.save(
+            {k: torch.as_tensor(np.asarray(v)) for k, v in received.params.items()}, f"{run_dir}/{FINAL_MODEL_FILE}"
+        )
+        if self._site_privacy is not None:  # under DP the scores stay at the site
+            self.log_info(fl_ctx, f"final model at {site.name}: {scores} (kept at the site)")
+            scores = {}
+        return FLModelUtils.to_shareable(FLModel(params={}, metrics=scores, meta={"n_test": len(site.test)}))

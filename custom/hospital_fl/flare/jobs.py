@@ -26,10 +26,11 @@ from hospital_fl.data.splits import SplitConfig
 from hospital_fl.errors import InputError
 from hospital_fl.flare.aggregator import UpdateAggregator
 from hospital_fl.flare.controllers import RoundPolicyFedAvg, RoundPolicyFedOpt, RoundPolicyScaffold
-from hospital_fl.flare.executor import TRAIN_TASK, CXRTrainExecutor
+from hospital_fl.flare.executor import SAMPLE_COUNT_TASK, TRAIN_TASK, VALIDATE_TASK, CXRTrainExecutor
 from hospital_fl.flare.filters import CompressUpdate, DecompressUpdate
 from hospital_fl.models.cxr import CXRClassifier, ModelConfig
 from hospital_fl.privacy.config import DPConfig
+from hospital_fl.privacy.he_params import CKKSParams
 from hospital_fl.training.config import TrainConfig
 
 __all__ = [
@@ -78,6 +79,8 @@ class JobSpec:
     wait_after_min: int = 30
     uplink: CompressionConfig = field(default_factory=CompressionConfig)  # site -> server
     downlink: CompressionConfig = field(default_factory=CompressionConfig)  # server -> site
+    # Homomorphic encryption (CKKS parameters the kits were provisioned with); None: plaintext.
+    he: CKKSParams | None = None
 
     def __post_init__(self):
         if self.algorithm not in ALGORITHMS:
@@ -134,6 +137,8 @@ class JobSpec:
             )
         if self.num_rounds < 1:
             raise InputError("num_rounds", self.num_rounds, "it must be >= 1", "use --rounds 1 or more")
+        if self.he is not None:
+            self._check_he()
         if not 0.05 <= self.task_request_interval <= 60:
             raise InputError(
                 "task_request_interval",
@@ -143,6 +148,42 @@ class JobSpec:
             )
         if self.algorithm == "fedprox" and not self.fedprox_mu > 0:
             raise InputError("fedprox_mu", self.fedprox_mu, "FedProx needs mu > 0", "use e.g. --mu 0.01, or fedavg")
+
+    def _check_he(self) -> None:
+        """What an encrypted round can do: the server only adds ciphertexts."""
+        refusals = [
+            (
+                "algorithm",
+                self.algorithm,
+                self.algorithm not in ("fedavg", "fedprox"),
+                "the server of an HE job can only add encrypted updates (FedAvg, FedProx)",
+                "use fedavg or fedprox with HE",
+            ),
+            (
+                "aggregation.rule",
+                self.aggregation.rule,
+                self.aggregation.rule != "fedavg",
+                "robust rules compare updates, which the server cannot read under HE",
+                "use rule fedavg with HE (or a robust rule without HE)",
+            ),
+            (
+                "privacy.mechanism",
+                self.privacy.mechanism,
+                self.privacy.mechanism == "client-central",
+                "central DP clips each update at the server, which cannot read them under HE",
+                "use sample-level DP (noise added at the site, before encryption) with HE",
+            ),
+            (
+                "uplink.codec",
+                self.uplink.codec,
+                self.uplink.enabled or self.downlink.enabled,
+                "HE packs and quantizes the update itself; ciphertexts do not compress",
+                "drop --uplink/--downlink compression with HE",
+            ),
+        ]
+        for name, value, refused, rule, fix in refusals:
+            if refused:
+                raise InputError(name, value, rule, fix)
 
     @property
     def num_sites(self) -> int:
@@ -161,6 +202,7 @@ class JobSpec:
                 "server_optimizer": _server_optimizer(data.get("server_optimizer", {})),
                 "uplink": CompressionConfig(**data.get("uplink", {})),
                 "downlink": CompressionConfig(**data.get("downlink", {})),
+                "he": CKKSParams.from_json(data["he"]) if data.get("he") else None,
             }
         )
 
@@ -177,7 +219,7 @@ class JobSpec:
 
 
 def spec_to_json(spec: JobSpec) -> dict:
-    return dataclasses.asdict(spec)
+    return {**dataclasses.asdict(spec), "he": spec.he.to_json() if spec.he else None}
 
 
 class _InstalledSiteCode:
@@ -194,7 +236,9 @@ class _InstalledSiteCode:
     site_executor: CXRTrainExecutor
 
     def _prepare_client_apps(self) -> None:
-        self._job.to_clients(self.site_executor, tasks=[TRAIN_TASK])
+        # The HE controller also asks for sample counts and has the final model scored at the sites.
+        tasks = [TRAIN_TASK, SAMPLE_COUNT_TASK, VALIDATE_TASK] if self.spec.he is not None else [TRAIN_TASK]
+        self._job.to_clients(self.site_executor, tasks=tasks)
 
 
 class HospitalRecipe(_InstalledSiteCode, FedAvgRecipe):
@@ -218,6 +262,18 @@ class HospitalRecipe(_InstalledSiteCode, FedAvgRecipe):
         policy = dict(
             min_responses=spec.min_clients, round_timeout=spec.round_timeout, wait_after_min=spec.wait_after_min
         )
+        if spec.he is not None:
+            from hospital_fl.flare.he import EncryptedFedAvg
+
+            return EncryptedFedAvg(
+                num_clients=spec.num_sites,
+                num_rounds=spec.num_rounds,
+                aggregator=model_aggregator,
+                persistor_id=persistor_id,
+                fedprox_mu=spec.fedprox_mu if spec.algorithm == "fedprox" else 0.0,
+                task_name=TRAIN_TASK,
+                **policy,
+            )
         if spec.algorithm == "scaffold":
             return RoundPolicyScaffold(
                 num_clients=spec.num_sites,
@@ -263,6 +319,18 @@ def _server_optimizer(data: dict) -> ServerOptimizerConfig:
     return ServerOptimizerConfig(**{**data, **({"betas": tuple(data["betas"])} if "betas" in data else {})})
 
 
+def _aggregator_of(spec: JobSpec):
+    if spec.he is not None:
+        from hospital_fl.flare.he import EncryptedSumAggregator
+
+        return EncryptedSumAggregator()
+    return UpdateAggregator(
+        aggregation=dataclasses.asdict(spec.aggregation),
+        central_dp=dataclasses.asdict(spec.privacy) if spec.privacy.mechanism == "client-central" else None,
+        num_rounds=spec.num_rounds,
+    )
+
+
 def build_recipe(spec: JobSpec) -> Recipe:
     """A FLARE recipe for ``spec``, ready for SimEnv / PocEnv / ProdEnv or export."""
     recipe = HospitalRecipe(
@@ -272,11 +340,7 @@ def build_recipe(spec: JobSpec) -> Recipe:
         min_clients=spec.min_clients or spec.num_sites,
         num_rounds=spec.num_rounds,
         train_script=_NO_SCRIPT,
-        aggregator=UpdateAggregator(
-            aggregation=dataclasses.asdict(spec.aggregation),
-            central_dp=dataclasses.asdict(spec.privacy) if spec.privacy.mechanism == "client-central" else None,
-            num_rounds=spec.num_rounds,
-        ),
+        aggregator=_aggregator_of(spec),
         # Under DP sites send no AUCs; the DP-released training loss selects the best model.
         key_metric="train_loss" if spec.privacy.enabled else "val_auc",
         key_metric_mode="min" if spec.privacy.enabled else "max",
@@ -289,6 +353,11 @@ def build_recipe(spec: JobSpec) -> Recipe:
     if spec.downlink.enabled:
         recipe.add_server_output_filter(CompressUpdate(**dataclasses.asdict(spec.downlink)), tasks=[TRAIN_TASK])
         recipe.add_client_input_filter(DecompressUpdate(), tasks=[TRAIN_TASK])
+    if spec.he is not None:
+        from hospital_fl.flare.he import DecryptGlobalModel, EncryptUpdate
+
+        recipe.add_client_input_filter(DecryptGlobalModel(), tasks=[TRAIN_TASK, VALIDATE_TASK])
+        recipe.add_client_output_filter(EncryptUpdate(ckks=spec.he.to_json()), tasks=[TRAIN_TASK])
     # hospital_fl is installed at every site: reference it, never copy it into app/custom.
     recipe._job.set_app_packages(["hospital_fl"])
     return recipe
@@ -311,6 +380,8 @@ STANDARD_JOBS = {
         wait_after_min=30,
         uplink=CompressionConfig("int8"),
     ),
+    # The server aggregates what it cannot read: CKKS-encrypted updates (kits provisioned with he: true).
+    "cxr_fedavg_he": JobSpec(name="cxr_fedavg_he", algorithm="fedavg", he=CKKSParams()),
     # Sample-level DP-SGD at every site, epsilon 8 over the whole job (delta 1e-5).
     "cxr_fedavg_dp": JobSpec(name="cxr_fedavg_dp", algorithm="fedavg", privacy=DPConfig("sample", 8.0)),
     # Production: DenseNet-121 at 224x224 on each hospital's own ingested DICOM, found through
@@ -393,6 +464,7 @@ def read_job_folder(job_dir: str | Path) -> JobSpec:
         wait_after_min=controller.get("wait_after_min", 0),
         uplink=_codec_in(client, "task_result_filters"),
         downlink=_codec_in(server, "task_data_filters"),
+        he=_he_in(client),
     )
 
 
@@ -403,6 +475,15 @@ def _codec_in(config: dict, section: str) -> CompressionConfig:
             if f["path"].endswith(".CompressUpdate"):
                 return CompressionConfig(**f.get("args", {}))
     return CompressionConfig()
+
+
+def _he_in(config: dict) -> CKKSParams | None:
+    """The CKKS parameters of a client config's EncryptUpdate filter (none: a plaintext job)."""
+    for group in config.get("task_result_filters", []):
+        for f in group.get("filters", []):
+            if f["path"].endswith(".EncryptUpdate"):
+                return CKKSParams.from_json(f.get("args", {}).get("ckks") or {})
+    return None
 
 
 def export_standard_jobs(jobs_dir: str | Path) -> list[Path]:

@@ -55,6 +55,7 @@ __all__ = [
     "PocSystem",
     "LiveSystem",
     "system_from_kits",
+    "with_he_builder",
     "running_system",
     "submit_folder",
     "wait_for_job",
@@ -127,6 +128,15 @@ def poc_project(num_sites: int, port: int = DEFAULT_PORT) -> dict:
         if participant["type"] == "server":
             participant["fed_learn_port"] = port  # the admin port follows it
     return project
+
+
+def with_he_builder(project: dict, he_args: dict) -> dict:
+    """``project`` with FLARE's HEBuilder before its SignatureBuilder: every kit gets a TenSEAL
+    context (the server's without the secret key) and is signed with it."""
+    builders = [b for b in project["builders"] if not b["path"].endswith(".HEBuilder")]
+    at = next((i for i, b in enumerate(builders) if b["path"].endswith(".SignatureBuilder")), len(builders))
+    builders.insert(at, {"path": "nvflare.lighter.impl.he.HEBuilder", "args": dict(he_args)})
+    return {**project, "builders": builders}
 
 
 def _port_in_use(port: int) -> bool:
@@ -575,6 +585,8 @@ def run_in_poc(
     root = Path(workspace_root).resolve()
     root.mkdir(parents=True, exist_ok=True)
     project = poc_project(spec.num_sites, port)
+    if spec.he is not None:  # what PocEnv(use_he=True) does, with the job's CKKS parameters
+        project = with_he_builder(project, spec.he.builder_args())
     # Before prepare: `prepare --force` wipes the workspace, and with it the kits an
     # earlier POC system on this port would need for `nvflare poc stop`.
     check_ports_free([port])
@@ -582,7 +594,8 @@ def run_in_poc(
     system = _prepare(root / "poc", project)
     for name in system.participants:
         allow_bundle_components(system.kit(name) / "local")
-    if spec.privacy.enabled:  # a fresh POC site starts with an empty ledger in its kit
+    privacy = getattr(spec, "privacy", None)  # a segmentation job has no DP settings
+    if privacy is not None and privacy.enabled:  # a fresh POC site starts with an empty ledger in its kit
         for site in site_names(spec.num_sites):
             init_site_privacy(system.kit(site), site)
     if site_setup is not None:

@@ -16,6 +16,7 @@ from nvflare.fuel.utils.log_utils import default_log_dict
 from nvflare.recipe.sim_env import SimEnv
 
 from hospital_fl.data.splits import site_names
+from hospital_fl.errors import InputError
 from hospital_fl.flare.aggregator import HISTORY_FILE
 from hospital_fl.flare.interrupts import sigterm_as_interrupt
 from hospital_fl.flare.jobs import JobSpec, build_recipe
@@ -24,9 +25,10 @@ from hospital_fl.flare.progress import RoundWatcher
 from hospital_fl.flare.site_policy import allow_bundle_components
 from hospital_fl.privacy.setup import init_site_privacy
 
-__all__ = ["FederatedRun", "run_in_simulator", "read_job_result", "simulator_env"]
+__all__ = ["FederatedRun", "run_in_simulator", "run_recipe_in_simulator", "read_job_result", "simulator_env"]
 
 GLOBAL_MODEL_FILE = "FL_global_model.pt"
+CIPHERTEXT_MODEL_FILE = "FL_global_model.ckks"  # hospital_fl.flare.he writes it; no tenseal import here
 
 
 @dataclass(frozen=True)
@@ -53,7 +55,8 @@ def quiet_console_log_config(path: Path) -> Path:
 def read_job_result(result_dir: str | Path, wall_seconds: float) -> FederatedRun:
     """Find the final global model and round history in a server job workspace."""
     result_dir = Path(result_dir)
-    models = sorted(result_dir.rglob(GLOBAL_MODEL_FILE))
+    # An HE job's server holds only the encrypted global model (hospital_fl.flare.he).
+    models = sorted(result_dir.rglob(GLOBAL_MODEL_FILE)) or sorted(result_dir.rglob(CIPHERTEXT_MODEL_FILE))
     histories = sorted(result_dir.rglob(HISTORY_FILE))
     if not models or not histories:
         raise RuntimeError(
@@ -107,6 +110,14 @@ def run_in_simulator(
         privacy_home: where simulated sites keep their privacy policy and ledger
             (``<privacy_home>/<site>/``), kept across runs; default: a fresh folder per run.
     """
+    if spec.he is not None:
+        raise InputError(
+            "he",
+            "on",
+            "FLARE's simulator has no startup kits, so no TenSEAL contexts: an HE job needs provisioned kits "
+            "(FLARE's HEBuilder) and so a POC or production system",
+            "run it with --poc (the POC is provisioned with HE), or drop HE for a simulator run",
+        )
     workspace_root = Path(workspace_root).resolve()
     job_ws = workspace_root / spec.name
     env = simulator_env(workspace_root, spec.name, spec.num_sites)
@@ -123,12 +134,18 @@ def run_in_simulator(
         for site in site_names(spec.num_sites):
             init_site_privacy(home / site, site)
     privacy_env = {PRIVACY_HOME_ENV: str(home)}
-    recipe = build_recipe(spec)
+    return run_recipe_in_simulator(build_recipe(spec), env, job_ws, on_round, privacy_env)
+
+
+def run_recipe_in_simulator(
+    recipe, env: SimEnv, job_ws: Path, on_round: Callable[[int], None] | None = None, extra_env: dict | None = None
+) -> FederatedRun:
+    """Run a built recipe in ``env`` (made by ``simulator_env``); returns its result."""
     start = time.perf_counter()
     # FLARE kills the simulator's processes on KeyboardInterrupt; SIGTERM is made one too.
     with (
         sigterm_as_interrupt(),
-        environment(privacy_env),
+        environment(extra_env or {}),
         RoundWatcher(job_ws / "server", on_round or (lambda k: None)),
     ):
         try:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 
+from hospital_fl.privacy.he_params import CKKSParams
 from hospital_fl.provisioning.schema import ConsortiumConfig, HospitalConfig, SiteConfigs
 
 __all__ = [
@@ -45,8 +46,9 @@ GPU_RESOURCE_MANAGER = "nvflare.app_common.resource_managers.gpu_resource_manage
 JOB_AUDITOR = "hospital_fl.flare.job_audit.JobAuditor"
 JOB_TYPE_VALIDATOR = "hospital_fl.flare.job_type_gate.JobTypeValidator"
 GPU_RESOURCE_CONSUMER = "nvflare.app_common.resource_consumers.gpu_resource_consumer.GPUResourceConsumer"
-# FLARE's HEBuilder defaults, written out so project.yml states the CKKS parameters.
-HE_ARGS = {"poly_modulus_degree": 8192, "coeff_mod_bit_sizes": [60, 40, 40], "scale_bits": 40, "scheme": "CKKS"}
+# The CKKS parameters the bundle's HE jobs pack updates for (hospital_fl.privacy.he_params),
+# written out so project.yml states them; FLARE's HEBuilder makes the contexts.
+HE_ARGS = CKKSParams().builder_args() | {"scheme": "CKKS"}
 # The files HospitalKitBuilder writes into each hospital kit's local/ (resources.json apart).
 SITE_POLICY_FILES = ("authorization.json", "privacy.json", "hospital_fl_privacy.json")
 LEDGER = "privacy/ledger.json"  # relative to the site's workspace (the kit root)

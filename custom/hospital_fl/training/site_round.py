@@ -23,7 +23,7 @@ from hospital_fl.training.loops import get_weights, predict_proba, set_weights, 
 from hospital_fl.training.metrics import rank_auc
 from hospital_fl.training.scaffold import control_update, correction
 
-__all__ = ["RoundOutcome", "run_site_round"]
+__all__ = ["RoundOutcome", "run_site_round", "score_global"]
 
 
 @dataclass(frozen=True)
@@ -63,10 +63,7 @@ def run_site_round(
     """
     model = privacy.model if privacy else build_cxr_model(model_cfg)
     set_weights(model, global_weights)
-    scores = {
-        "val_auc": rank_auc(predict_proba(model, site.val.images, train_cfg.device), site.val.labels),
-        "test_auc": rank_auc(predict_proba(model, site.test.images, train_cfg.device), site.test.labels),
-    }
+    scores = _scores(model, site, train_cfg.device)
     cfg = dataclasses.replace(train_cfg, seed=train_cfg.seed * 1000 + round_index)
     anchor = {k: v.detach().clone() for k, v in model.named_parameters()} if fedprox_mu > 0 else None
     schedule = dict(epoch_offset=round_index * cfg.epochs, total_epochs=total_rounds * cfg.epochs)
@@ -120,3 +117,19 @@ def run_site_round(
 
 def _difference(trained: dict[str, np.ndarray], global_weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {k: trained[k] - np.asarray(global_weights[k]).astype(trained[k].dtype) for k in trained}
+
+
+def _scores(model, site: SiteData, device: str) -> dict[str, float]:
+    return {
+        "val_auc": rank_auc(predict_proba(model, site.val.images, device), site.val.labels),
+        "test_auc": rank_auc(predict_proba(model, site.test.images, device), site.test.labels),
+    }
+
+
+def score_global(
+    site: SiteData, weights: dict[str, np.ndarray], model_cfg: ModelConfig, device: str = "cpu"
+) -> dict[str, float]:
+    """AUC of ``weights`` on this site's validation and local test portions."""
+    model = build_cxr_model(model_cfg)
+    set_weights(model, weights)
+    return _scores(model, site, device)

@@ -1,0 +1,210 @@
+"""The brain-tumour segmentation job: a FLARE FedAvg recipe whose sites run SegTrainExecutor.
+
+``SegJobSpec`` is plain typed data; ``build_seg_recipe`` turns it into FLARE's FedAvg recipe
+(the bundle's round policy, screening aggregator with key metric val_dice, compression
+and HE filters exactly as the CXR jobs use them); ``export_seg_job`` writes jobs/seg_fedavg.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from nvflare.app_opt.pt.recipes.fedavg import FedAvgRecipe
+from nvflare.recipe.spec import Recipe
+
+from hospital_fl.compression.codecs import CompressionConfig
+from hospital_fl.errors import InputError
+from hospital_fl.flare.aggregator import UpdateAggregator
+from hospital_fl.flare.controllers import RoundPolicyFedAvg
+from hospital_fl.flare.executor import TRAIN_TASK, VALIDATE_TASK
+from hospital_fl.flare.filters import CompressUpdate, DecompressUpdate
+from hospital_fl.flare.jobs import _InstalledSiteCode
+from hospital_fl.flare.seg_executor import SegTrainExecutor
+from hospital_fl.models.seg import SegModelConfig, SegNetwork
+from hospital_fl.privacy.he_params import CKKSParams
+from hospital_fl.segmentation.pipeline import SegPipelineConfig, SegTrainConfig, region_names
+
+__all__ = ["SegJobSpec", "build_seg_recipe", "export_seg_job", "read_seg_job_folder", "SEG_JOBS"]
+
+
+@dataclass(frozen=True)
+class SegJobSpec:
+    """Everything that defines a federated segmentation job, as plain typed data."""
+
+    name: str = "seg_fedavg"
+    num_sites: int = 3
+    num_rounds: int = 20
+    # Each site's datalist: "{site}" -> the site's name, "${VAR}" -> the site's environment.
+    datalist: str = "${HOSPITAL_FL_SEG_DATALIST}"
+    model: SegModelConfig = field(default_factory=SegModelConfig)
+    pipeline: SegPipelineConfig = field(default_factory=SegPipelineConfig)
+    train: SegTrainConfig = field(default_factory=lambda: SegTrainConfig(steps_per_epoch=20))
+    min_clients: int | None = None
+    round_timeout: int = 0
+    wait_after_min: int = 30
+    task_request_interval: float = 0.25
+    uplink: CompressionConfig = field(default_factory=CompressionConfig)
+    he: CKKSParams | None = None
+
+    def __post_init__(self):
+        if not (isinstance(self.num_sites, int) and self.num_sites >= 1):
+            raise InputError("num_sites", self.num_sites, "it must be an integer >= 1", "use e.g. 3")
+        if self.num_rounds < 1:
+            raise InputError("num_rounds", self.num_rounds, "it must be >= 1", "use --rounds 1 or more")
+        regions = region_names(self.pipeline)
+        if self.model.out_channels != len(regions):
+            raise InputError(
+                "model.out_channels",
+                self.model.out_channels,
+                f"the {self.pipeline.label_scheme} label scheme has {len(regions)} regions {regions}",
+                f"use out_channels={len(regions)}",
+            )
+        if self.min_clients is not None and not 1 <= self.min_clients <= self.num_sites:
+            raise InputError("min_clients", self.min_clients, f"it must lie in 1..{self.num_sites}", "use e.g. 2")
+        if self.he is not None and self.uplink.enabled:
+            raise InputError(
+                "uplink.codec", self.uplink.codec, "HE packs the update itself", "drop compression with HE"
+            )
+
+    @classmethod
+    def from_json(cls, data: dict) -> "SegJobSpec":
+        return cls(
+            **{
+                **data,
+                "model": SegModelConfig(**data.get("model", {})),
+                "pipeline": SegPipelineConfig(**data.get("pipeline", {})),
+                "train": SegTrainConfig(**data.get("train", {})),
+                "uplink": CompressionConfig(**data.get("uplink", {})),
+                "he": CKKSParams.from_json(data["he"]) if data.get("he") else None,
+            }
+        )
+
+    def to_json(self) -> dict:
+        return {**dataclasses.asdict(self), "he": self.he.to_json() if self.he else None}
+
+    def executor_args(self) -> dict:
+        return {
+            "datalist": self.datalist,
+            "model": dataclasses.asdict(self.model),
+            "pipeline": dataclasses.asdict(self.pipeline),
+            "train": dataclasses.asdict(self.train),
+            "num_rounds": self.num_rounds,
+        }
+
+
+class SegRecipe(_InstalledSiteCode, FedAvgRecipe):
+    """FLARE's FedAvg recipe with the round policy (or the HE controller) for segmentation."""
+
+    def __init__(self, spec: SegJobSpec, **kwargs):
+        self.spec = spec
+        super().__init__(**kwargs)
+
+    def _create_controller(self, persistor_id: str, model_params, model_aggregator):
+        spec = self.spec
+        policy = dict(
+            min_responses=spec.min_clients, round_timeout=spec.round_timeout, wait_after_min=spec.wait_after_min
+        )
+        if spec.he is not None:
+            from hospital_fl.flare.he import EncryptedFedAvg
+
+            return EncryptedFedAvg(
+                num_clients=spec.num_sites,
+                num_rounds=spec.num_rounds,
+                aggregator=model_aggregator,
+                persistor_id=persistor_id,
+                task_name=TRAIN_TASK,
+                **policy,
+            )
+        return RoundPolicyFedAvg(
+            num_clients=spec.num_sites,
+            num_rounds=spec.num_rounds,
+            persistor_id=persistor_id,
+            model=model_params,
+            aggregator=model_aggregator,
+            task_name=TRAIN_TASK,
+            **policy,
+        )
+
+
+def _network(spec: SegJobSpec) -> SegNetwork:
+    m = spec.model
+    return SegNetwork(m.arch, m.in_channels, m.out_channels, m.init_filters, m.dropout)
+
+
+def build_seg_recipe(spec: SegJobSpec) -> Recipe:
+    """A FLARE recipe for ``spec``, ready for SimEnv / PocEnv / ProdEnv or export."""
+    if spec.he is not None:
+        from hospital_fl.flare.he import DecryptGlobalModel, EncryptedSumAggregator, EncryptUpdate
+
+        aggregator = EncryptedSumAggregator()
+    else:
+        aggregator = UpdateAggregator(num_rounds=spec.num_rounds)
+    recipe = SegRecipe(
+        spec,
+        name=spec.name,
+        model=_network(spec),
+        min_clients=spec.min_clients or spec.num_sites,
+        num_rounds=spec.num_rounds,
+        train_script="hospital_fl.flare.seg_executor",  # unused: sites run the installed executor
+        aggregator=aggregator,
+        key_metric="val_dice",
+        key_metric_mode="max",
+    )
+    recipe.site_executor = SegTrainExecutor(**spec.executor_args())
+    recipe.add_server_config({"server": {"task_request_interval": spec.task_request_interval}})
+    if spec.uplink.enabled:
+        recipe.add_client_output_filter(CompressUpdate(**dataclasses.asdict(spec.uplink)), tasks=[TRAIN_TASK])
+        recipe.add_server_input_filter(DecompressUpdate(), tasks=[TRAIN_TASK])
+    if spec.he is not None:
+        recipe.add_client_input_filter(DecryptGlobalModel(), tasks=[TRAIN_TASK, VALIDATE_TASK])
+        recipe.add_client_output_filter(EncryptUpdate(ckks=spec.he.to_json()), tasks=[TRAIN_TASK])
+    recipe._job.set_app_packages(["hospital_fl"])
+    return recipe
+
+
+SEG_JOBS = {"seg_fedavg": SegJobSpec()}
+
+
+def export_seg_job(spec: SegJobSpec, jobs_dir: str | Path) -> Path:
+    """Write ``spec`` as a FLARE job folder ``jobs_dir/spec.name`` (replacing an old one)."""
+    target = Path(jobs_dir) / spec.name
+    if target.exists():
+        shutil.rmtree(target)
+    build_seg_recipe(spec).export(str(jobs_dir))
+    return target
+
+
+def read_seg_job_folder(job_dir: str | Path) -> SegJobSpec:
+    """The SegJobSpec an exported segmentation job folder holds (rounds, sites, site settings)."""
+    job_dir = Path(job_dir)
+    try:
+        client = json.loads((job_dir / "app" / "config" / "config_fed_client.json").read_text())
+        server = json.loads((job_dir / "app" / "config" / "config_fed_server.json").read_text())
+        executor = next(
+            e["executor"] for e in client["executors"] if e["executor"]["path"].endswith(".SegTrainExecutor")
+        )
+    except (OSError, KeyError, StopIteration, json.JSONDecodeError) as err:
+        raise InputError(
+            "job folder",
+            str(job_dir),
+            f"it must be an exported segmentation job whose sites run SegTrainExecutor ({err})",
+            "pass jobs/seg_fedavg (regenerate with `hospital-fl export-jobs`)",
+        ) from None
+    args, controller = executor["args"], server["workflows"][0]["args"]
+    return SegJobSpec(
+        name=job_dir.name,
+        num_sites=controller.get("num_clients", 3),  # FLARE omits arguments at their default (FedAvg's is 3)
+        min_clients=controller.get("min_responses"),
+        round_timeout=controller.get("round_timeout", 0),
+        wait_after_min=controller.get("wait_after_min", 0),
+        task_request_interval=server.get("server", {}).get("task_request_interval", 2.0),
+        num_rounds=controller["num_rounds"],
+        datalist=args["datalist"],
+        model=SegModelConfig(**args["model"]),
+        pipeline=SegPipelineConfig(**args["pipeline"]),
+        train=SegTrainConfig(**args["train"]),
+    )
