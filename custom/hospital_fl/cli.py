@@ -415,9 +415,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--workspace", default="workspace", help="FLARE workspace folder (default ./workspace)")
     demo.set_defaults(func=_cmd_demo)
 
-    export = sub.add_parser(
-        "export-jobs", help="write the standard job folders (cxr_*, cxr_fedavg_he, seg_fedavg)"
-    )
+    export = sub.add_parser("export-jobs", help="write the standard job folders (cxr_*, cxr_fedavg_he, seg_fedavg)")
     export.add_argument("--jobs-dir", default="jobs")
     export.set_defaults(func=_cmd_export_jobs)
 
