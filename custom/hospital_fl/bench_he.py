@@ -203,3 +203,35 @@ def run_he_benchmark(
         "machine": machine_info(),
         "command": "hospital-fl bench he --json",
     }
+
+
+def plot_he(result: dict, path) -> None:
+    """Bytes per site and seconds per step, the bundle's HE against stock FLARE HE."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    costs = result["costs"]
+    models = list(costs)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
+    width = 0.38
+    for j, (who, label) in enumerate((("hospital_fl", "hospital_fl"), ("stock_flare", "stock FLARE HE"))):
+        if not all(who in costs[m] for m in models):
+            continue
+        xs = [i + (j - 0.5) * width for i in range(len(models))]
+        left.bar(xs, [costs[m][who]["ratio_uplink"] for m in models], width, label=label)
+        dense = costs["densenet121"][who]
+        steps = ["encrypt_seconds_per_site", "aggregate_seconds", "decrypt_seconds"]
+        right.bar([i + (j - 0.5) * width for i in range(3)], [dense[s] for s in steps], width, label=label)
+    left.axhline(TARGETS["max_bytes_ratio"], color="k", linestyle="--", linewidth=1, label="target")
+    left.set_xticks(range(len(models)), models)
+    left.set_ylabel("ciphertext bytes / fp32 bytes (per site)")
+    left.legend()
+    right.set_xticks(range(3), ["encrypt (site)", "sum of 5 (server)", "decrypt (site)"])
+    right.set_ylabel("seconds, DenseNet-121 (2 CPU cores)")
+    right.legend()
+    fig.suptitle("Homomorphic encryption: packed CKKS vs stock FLARE HE")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

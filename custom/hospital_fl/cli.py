@@ -312,7 +312,9 @@ def _bench_he(args) -> int:
             progress=progress,
         )
 
-    return _run_in_process_bench(args, "out/he_bench.json", run, lambda result, path: None, "")
+    from hospital_fl.bench_he import plot_he
+
+    return _run_in_process_bench(args, "out/he_bench.json", run, plot_he, "he_costs.png")
 
 
 def _cmd_seg_demo(args) -> int:

@@ -9,7 +9,11 @@ and HEModelDecryptor.decryption. Used by ``hospital-fl bench he`` as the anchor.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
 import time
+from collections.abc import Iterator
 
 import numpy as np
 import tenseal as ts
@@ -21,6 +25,21 @@ from nvflare.app_opt.he.model_encryptor import HEModelEncryptor
 from nvflare.lighter.impl.he import HEBuilder
 
 __all__ = ["stock_he_costs"]
+
+
+@contextlib.contextmanager
+def _native_stdout_silenced() -> Iterator[None]:
+    """TenSEAL prints a warning to the process's stdout for every layer larger than one
+    ciphertext; keep the benchmark's JSON on stdout clean."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 1)
+            yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 def _nbytes(serialized: dict) -> int:
@@ -46,12 +65,13 @@ def stock_he_costs(state: dict[str, np.ndarray], site_updates: list[dict[str, np
         encryptor.encrypt_layers, encryptor.n_iter, encryptor.aggregation_weight = [True], n, 1.0
         params = {k: np.asarray(v, dtype=np.float64).copy() for k, v in update.items()}
         tick = time.perf_counter()
-        encrypted, layers = encryptor.encryption(params, fl_ctx)
+        with _native_stdout_silenced():
+            encrypted, layers = encryptor.encryption(params, fl_ctx)
         serialized = serialize_nested_dict(encrypted)
         encrypt_s.append(time.perf_counter() - tick)
         sent.append(serialized)
     tick = time.perf_counter()
-    helper = WeightedAggregationHelper()
+    helper = WeightedAggregationHelper(weigh_by_local_iter=False)  # as HEInTimeAccumulateWeightedAggregator
     for i, serialized in enumerate(sent):
         received = dict(serialized)
         deserialize_nested_dict(received, context=server_ctx)
