@@ -3,8 +3,9 @@
 Two real patients cannot show learning, so the benchmark uses a synthetic non-IID
 federation (MONAI's create_test_image_3d spheres with per-site noise, gain, lesion count and
 size; hospital_fl.segmentation.synthetic) and says so in its output. Federations run in one
-process with the FLARE job's own site round (hospital_fl.segmentation.site_round) and a
-sample-weighted FedAvg, without FLARE's start-up. Centralized training gets the pooled
+process with the FLARE job's own site round (hospital_fl.segmentation.site_round), the
+job's sample-weighted FedAvg with server momentum (FedAvgM, as seg_fedavg runs it) and plain
+FedAvg for comparison, without FLARE's start-up. Centralized training gets the pooled
 training cases for the same number of epochs; local-only trains each site alone. Every
 model is scored by sliding-window Dice on every site's validation cases. Also reports the
 peak memory of one CPU training step on a 128^3 crop. Run: ``hospital-fl bench seg --json``.
@@ -19,8 +20,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from hospital_fl.aggregation.server_optimizer import ServerOptimizer, ServerOptimizerConfig
 from hospital_fl.aggregation.weighted import weighted_mean
 from hospital_fl.evaluation.machine import machine_info
+from hospital_fl.flare.seg_jobs import SERVER_MOMENTUM
 from hospital_fl.models.seg import SegModelConfig, build_seg_model
 from hospital_fl.segmentation.datalist import validate_datalist
 from hospital_fl.segmentation.pipeline import SegPipelineConfig, SegTrainConfig, evaluate, peak_step_memory
@@ -37,16 +40,27 @@ def _initial(model_cfg: SegModelConfig, seed: int) -> dict[str, np.ndarray]:
     return get_weights(build_seg_model(model_cfg))
 
 
-def _train_rounds(sites: dict[str, list], val: dict[str, list], rounds: int, model_cfg, pipe_cfg, train_cfg, seed):
-    """FedAvg over ``sites`` (one site: plain training for ``rounds`` epochs); seconds per round."""
+def _train_rounds(
+    sites: dict[str, list], val: dict[str, list], rounds: int, model_cfg, pipe_cfg, train_cfg, seed, server=None
+):
+    """FedAvg over ``sites`` (one site: plain training for ``rounds`` epochs), with the job's
+    server optimiser when given (FedAvgM, as FLARE's FedOpt controller applies it); seconds per round."""
     weights, seconds = _initial(model_cfg, seed), []
+    trainable = [k for k, _ in build_seg_model(model_cfg).named_parameters()]
+    stepper = ServerOptimizer(server, weights, trainable) if server is not None else None
     for rnd in range(rounds):
         tick = time.perf_counter()
         outcomes = [
-            run_seg_round(cases, val.get(name, []), weights, rnd, rounds, model_cfg, pipe_cfg, train_cfg)
+            run_seg_round(
+                cases, val.get(name, []), weights, rnd, rounds, model_cfg, pipe_cfg, train_cfg, send_difference=True
+            )
             for name, cases in sites.items()
         ]
-        weights = weighted_mean([o.weights for o in outcomes], [o.n_samples for o in outcomes])
+        step = weighted_mean([o.weights for o in outcomes], [o.n_samples for o in outcomes])
+        if stepper is not None:
+            weights = stepper.step(weights, step)
+        else:
+            weights = {k: (weights[k] + step[k]).astype(weights[k].dtype) for k in weights}
         seconds.append(time.perf_counter() - tick)
     return weights, seconds
 
@@ -69,10 +83,11 @@ def run_seg_benchmark(
     pipe_cfg: SegPipelineConfig = SegPipelineConfig(spacing=None, roi_size=(48, 48, 48)),
     train_cfg: SegTrainConfig = SegTrainConfig(),
     memory_roi: tuple[int, int, int] | None = (128, 128, 128),
+    server_optimizer: ServerOptimizerConfig | None = SERVER_MOMENTUM,
     progress=None,
 ) -> dict:
     rows = []
-    task = progress.add_task("segmentation benchmark", total=len(seeds) * 5) if progress else None
+    task = progress.add_task("segmentation benchmark", total=len(seeds) * 6) if progress else None
     for seed in seeds:
         lists = write_synthetic_federation(Path(workdir) / f"synthetic_{seed}", seed=seed)
         train, val = {}, {}
@@ -82,7 +97,9 @@ def run_seg_benchmark(
             report = validate_datalist(path)
             train[name], val[name] = report.require("training"), report.usable.get("validation", [])
         tcfg = dataclasses.replace(train_cfg, seed=seed)
-        fed, fed_s = _train_rounds(train, val, rounds, model_cfg, pipe_cfg, tcfg, seed)
+        fed, fed_s = _train_rounds(train, val, rounds, model_cfg, pipe_cfg, tcfg, seed, server_optimizer)
+        _advance(progress, task)
+        plain, _ = _train_rounds(train, val, rounds, model_cfg, pipe_cfg, tcfg, seed)
         _advance(progress, task)
         pooled = {"pooled": [c for cases in train.values() for c in cases]}
         central, central_s = _train_rounds(pooled, {}, rounds, model_cfg, pipe_cfg, tcfg, seed)
@@ -94,6 +111,7 @@ def run_seg_benchmark(
         row = {
             "seed": seed,
             "federated": _dice_by_site(fed, val, model_cfg, pipe_cfg, tcfg),
+            "federated_plain_fedavg": _dice_by_site(plain, val, model_cfg, pipe_cfg, tcfg),
             "centralized": _dice_by_site(central, val, model_cfg, pipe_cfg, tcfg),
             "local_only": {name: _dice_by_site(w, val, model_cfg, pipe_cfg, tcfg) for name, w in local.items()},
             "seconds_per_round_federated": float(np.mean(fed_s)),
@@ -103,6 +121,7 @@ def run_seg_benchmark(
         _advance(progress, task, 2)
         rows.append(row)
     fed = float(np.mean([r["federated"]["pooled"] for r in rows]))
+    plain = float(np.mean([r["federated_plain_fedavg"]["pooled"] for r in rows]))
     cen = float(np.mean([r["centralized"]["pooled"] for r in rows]))
     local_own = float(np.mean([r["local_only"][s][s] for r in rows for s in r["local_only"]]))
     memory = peak_step_memory(model_cfg, roi=memory_roi) if memory_roi else None
@@ -114,6 +133,8 @@ def run_seg_benchmark(
         "rounds": rounds,
         "seeds": list(seeds),
         "dice_federated": fed,
+        "server_optimizer": dataclasses.asdict(server_optimizer) if server_optimizer else None,
+        "dice_federated_plain_fedavg": plain,
         "dice_centralized": cen,
         "dice_local_only_own_site_mean": local_own,
         "gap_federated_centralized": fed - cen,

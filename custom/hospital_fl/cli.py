@@ -328,6 +328,7 @@ def _cmd_seg_demo(args) -> int:
         mode="poc" if args.poc else "simulator",
         out_dir=Path(args.out if args.out != "out" else "out/seg"),
         workspace=Path(args.workspace),
+        he=args.he,
     )
     console = Console(stderr=True)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())

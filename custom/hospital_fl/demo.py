@@ -29,7 +29,7 @@ from hospital_fl.flare.simulate import FederatedRun
 from hospital_fl.models.cxr import build_cxr_model
 from hospital_fl.training.loops import set_weights
 
-__all__ = ["DemoConfig", "run_demo", "co_located_threads", "OUTPUT_FILES"]
+__all__ = ["DemoConfig", "run_demo", "co_located_threads", "global_weights", "OUTPUT_FILES"]
 
 OUTPUT_FILES = ("report.json", "report.md", "roc.png", "rounds.png", "sites.png", "global_model.pt")
 
@@ -63,7 +63,7 @@ def _run_federated(cfg: DemoConfig, on_round: Callable[[int], None]) -> Federate
     return run_in_simulator(cfg.spec, cfg.workspace, on_round=on_round)
 
 
-def _global_weights(run: FederatedRun, workspace: Path) -> dict:
+def global_weights(run: FederatedRun, workspace: Path) -> dict:
     """The job's final global weights. An HE job's server holds only ciphertext: the report,
     like any hospital, decrypts it with a site's kit context (the POC's site-1)."""
     if run.global_model_path.suffix == ".ckks":
@@ -104,7 +104,7 @@ def run_demo(cfg: DemoConfig, progress=None) -> dict:
     fed_task = task(f"federated ({cfg.mode}): rounds", spec.num_rounds)
     run = _run_federated(cfg, lambda k: advance(fed_task, completed=k))
     advance(fed_task, completed=spec.num_rounds)
-    fed_weights = _global_weights(run, cfg.workspace)
+    fed_weights = global_weights(run, cfg.workspace)
     fed_model = _load_global_model(fed_weights, spec)
 
     base_task = task("baselines: centralized + local-only", 1 + spec.num_sites)

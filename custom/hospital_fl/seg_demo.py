@@ -20,11 +20,13 @@ from pathlib import Path
 import torch
 
 from hospital_fl.data.splits import site_names
+from hospital_fl.demo import global_weights
 from hospital_fl.errors import InputError
 from hospital_fl.flare.seg_jobs import SegJobSpec, build_seg_recipe, export_seg_job
 from hospital_fl.flare.simulate import FederatedRun, run_recipe_in_simulator, simulator_env
 from hospital_fl.flare.site_policy import allow_bundle_components
 from hospital_fl.models.seg import build_seg_model
+from hospital_fl.privacy.he_params import CKKSParams
 from hospital_fl.segmentation.datalist import validate_datalist
 from hospital_fl.segmentation.pipeline import SegTrainConfig, evaluate
 from hospital_fl.segmentation.sample import write_sample_datalists
@@ -55,12 +57,20 @@ class SegDemoConfig:
     workspace: Path = Path("workspace")
     plots: bool = True
     spec: SegJobSpec | None = field(default=None)  # None: demo_spec over the embedded sample
+    he: bool = False  # homomorphic encryption (POC only: the kits carry the contexts)
 
     def __post_init__(self):
         if self.mode not in ("simulator", "poc"):
             raise InputError("mode", self.mode, "it must be simulator or poc", "use --poc for a POC system")
         if self.rounds < 1:
             raise InputError("rounds", self.rounds, "it must be >= 1", "use --rounds 3")
+        if self.he and self.mode != "poc":
+            raise InputError(
+                "he",
+                "on",
+                "FLARE's simulator has no startup kits, so no TenSEAL contexts",
+                "add --poc (the POC is provisioned with HE)",
+            )
 
 
 def _run_federated(cfg: SegDemoConfig, spec: SegJobSpec, on_round: Callable[[int], None]) -> FederatedRun:
@@ -151,6 +161,10 @@ def run_seg_demo(cfg: SegDemoConfig, progress=None) -> dict:
         shutil.rmtree(datalists, ignore_errors=True)
         write_sample_datalists(datalists, sites=site_names(2))
         spec = demo_spec(datalists, cfg.rounds)
+        if cfg.he:
+            spec = dataclasses.replace(
+                spec, he=CKKSParams(), server_optimizer=None
+            )  # the server cannot step on ciphertext
     else:
         spec = cfg.spec
     task = (
@@ -159,8 +173,7 @@ def run_seg_demo(cfg: SegDemoConfig, progress=None) -> dict:
     run = _run_federated(cfg, spec, lambda k: progress.update(task, completed=k) if progress else None)
     if progress:
         progress.update(task, completed=spec.num_rounds)
-    checkpoint = torch.load(run.global_model_path, map_location="cpu", weights_only=True)
-    weights = {k: v.numpy() for k, v in checkpoint["model"].items()}
+    weights = global_weights(run, cfg.workspace)  # an HE job's model is decrypted with a site's kit context
     report = {
         "task": "segmentation",
         "mode": cfg.mode,
@@ -176,11 +189,12 @@ def run_seg_demo(cfg: SegDemoConfig, progress=None) -> dict:
         "sites": _site_scores(spec, weights),
         "history": run.history,
         "settings": spec.to_json(),
+        "he": spec.he is not None,
         "flare_result": str(run.result_dir),
     }
     (out / "report.json").write_text(json.dumps(report, indent=1, default=float))
     (out / "report.md").write_text(_markdown(report))
     if cfg.plots:
         _plot_rounds(run.history, out / "seg_rounds.png")
-    shutil.copy2(run.global_model_path, out / "global_model.pt")
+    torch.save({"model": {k: torch.as_tensor(v) for k, v in weights.items()}}, out / "global_model.pt")
     return report

@@ -59,7 +59,7 @@ def test_seg_job_folder_reads_back_and_every_class_is_allowed():
 
 
 def test_he_seg_job_routes_the_count_and_validate_tasks_and_encrypts(tmp_path):
-    spec = SegJobSpec(name="seg_he", he=CKKSParams())
+    spec = SegJobSpec(name="seg_he", he=CKKSParams(), server_optimizer=None)
     folder = export_seg_job(spec, tmp_path)
     client = json.loads((folder / "app" / "config" / "config_fed_client.json").read_text())
     assert set(client["executors"][0]["tasks"]) == {"train", "sample_count", "validate"}
@@ -72,7 +72,8 @@ def test_he_seg_job_routes_the_count_and_validate_tasks_and_encrypts(tmp_path):
         (dict(model=SegModelConfig(out_channels=1), pipeline=SegPipelineConfig(label_scheme="brats")), "3 regions"),
         (dict(num_rounds=0), "num_rounds"),
         (dict(min_clients=4), "min_clients"),
-        (dict(he=CKKSParams(), uplink=CompressionConfig("int8")), "HE packs"),
+        (dict(he=CKKSParams(), server_optimizer=None, uplink=CompressionConfig("int8")), "HE packs"),
+        (dict(he=CKKSParams()), "server optimiser"),
     ],
 )
 def test_inconsistent_seg_specs_are_refused_with_the_fix(kwargs, match):

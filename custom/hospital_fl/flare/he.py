@@ -383,9 +383,18 @@ class EncryptedFedAvg(_RoundPolicy, ModelController):
         persistor_id: str = "persistor",
         fedprox_mu: float = 0.0,
         task_name: str = "train",
-        **policy,
+        min_responses: int | None = None,
+        round_timeout: int = 0,
+        wait_after_min: int = 0,
     ):
-        super().__init__(persistor_id=persistor_id, ignore_result_error=True, **policy)
+        # Named, not **kwargs: FLARE's job export writes the arguments the signature names.
+        super().__init__(
+            persistor_id=persistor_id,
+            ignore_result_error=True,
+            min_responses=min_responses,
+            round_timeout=round_timeout,
+            wait_after_min=wait_after_min,
+        )
         self.num_clients, self.num_rounds, self.aggregator = num_clients, num_rounds, aggregator
         self.fedprox_mu, self.task_name = fedprox_mu, task_name
 

@@ -16,19 +16,22 @@ from pathlib import Path
 from nvflare.app_opt.pt.recipes.fedavg import FedAvgRecipe
 from nvflare.recipe.spec import Recipe
 
+from hospital_fl.aggregation.server_optimizer import ServerOptimizerConfig
 from hospital_fl.compression.codecs import CompressionConfig
 from hospital_fl.errors import InputError
 from hospital_fl.flare.aggregator import UpdateAggregator
-from hospital_fl.flare.controllers import RoundPolicyFedAvg
+from hospital_fl.flare.controllers import RoundPolicyFedAvg, RoundPolicyFedOpt
 from hospital_fl.flare.executor import TRAIN_TASK, VALIDATE_TASK
 from hospital_fl.flare.filters import CompressUpdate, DecompressUpdate
-from hospital_fl.flare.jobs import _InstalledSiteCode
+from hospital_fl.flare.jobs import _InstalledSiteCode, _server_optimizer
 from hospital_fl.flare.seg_executor import SegTrainExecutor
 from hospital_fl.models.seg import SegModelConfig, SegNetwork
 from hospital_fl.privacy.he_params import CKKSParams
 from hospital_fl.segmentation.pipeline import SegPipelineConfig, SegTrainConfig, region_names
 
-__all__ = ["SegJobSpec", "build_seg_recipe", "export_seg_job", "read_seg_job_folder", "SEG_JOBS"]
+__all__ = ["SegJobSpec", "build_seg_recipe", "export_seg_job", "read_seg_job_folder", "SEG_JOBS", "SERVER_MOMENTUM"]
+
+SERVER_MOMENTUM = ServerOptimizerConfig(kind="sgdm", lr=1.0, momentum=0.9)  # FedAvgM
 
 
 @dataclass(frozen=True)
@@ -48,6 +51,10 @@ class SegJobSpec:
     wait_after_min: int = 30
     task_request_interval: float = 0.25
     uplink: CompressionConfig = field(default_factory=CompressionConfig)
+    # Server momentum (FedAvgM through FLARE's FedOpt controller); None: plain FedAvg. Measured
+    # on the synthetic 3-site benchmark: averaging sites that each take a few steps a round
+    # loses most of their progress, and momentum 0.9 at server lr 1.0 recovers it.
+    server_optimizer: ServerOptimizerConfig | None = field(default_factory=lambda: SERVER_MOMENTUM)
     he: CKKSParams | None = None
 
     def __post_init__(self):
@@ -65,6 +72,13 @@ class SegJobSpec:
             )
         if self.min_clients is not None and not 1 <= self.min_clients <= self.num_sites:
             raise InputError("min_clients", self.min_clients, f"it must lie in 1..{self.num_sites}", "use e.g. 2")
+        if self.he is not None and self.server_optimizer is not None:
+            raise InputError(
+                "server_optimizer",
+                self.server_optimizer.kind,
+                "a server optimiser steps on the aggregated update, which the server cannot read under HE",
+                "use server_optimizer=None (FedAvg) with HE",
+            )
         if self.he is not None and self.uplink.enabled:
             raise InputError(
                 "uplink.codec", self.uplink.codec, "HE packs the update itself", "drop compression with HE"
@@ -79,6 +93,9 @@ class SegJobSpec:
                 "pipeline": SegPipelineConfig(**data.get("pipeline", {})),
                 "train": SegTrainConfig(**data.get("train", {})),
                 "uplink": CompressionConfig(**data.get("uplink", {})),
+                "server_optimizer": _server_optimizer(data["server_optimizer"])
+                if data.get("server_optimizer")
+                else None,
                 "he": CKKSParams.from_json(data["he"]) if data.get("he") else None,
             }
         )
@@ -119,7 +136,7 @@ class SegRecipe(_InstalledSiteCode, FedAvgRecipe):
                 task_name=TRAIN_TASK,
                 **policy,
             )
-        return RoundPolicyFedAvg(
+        kwargs = dict(
             num_clients=spec.num_sites,
             num_rounds=spec.num_rounds,
             persistor_id=persistor_id,
@@ -128,6 +145,25 @@ class SegRecipe(_InstalledSiteCode, FedAvgRecipe):
             task_name=TRAIN_TASK,
             **policy,
         )
+        if spec.server_optimizer is None:
+            return RoundPolicyFedAvg(**kwargs)
+        # FLARE's FedOpt steps a torch copy of the network, found by component id.
+        self._building_job.to_server(_network(spec), id="fedopt_model")
+        return RoundPolicyFedOpt(
+            source_model="fedopt_model",
+            optimizer_args={**spec.server_optimizer.flare_optimizer_args(), "config_type": "dict"},
+            lr_scheduler_args={
+                "path": "torch.optim.lr_scheduler.ConstantLR",
+                "args": {"factor": 1.0},
+                "config_type": "dict",
+            },
+            device="cpu",
+            **kwargs,
+        )
+
+    def _setup_model_and_persistor(self, job) -> str:
+        self._building_job = job
+        return super()._setup_model_and_persistor(job)
 
 
 def _network(spec: SegJobSpec) -> SegNetwork:
@@ -194,7 +230,15 @@ def read_seg_job_folder(job_dir: str | Path) -> SegJobSpec:
             f"it must be an exported segmentation job whose sites run SegTrainExecutor ({err})",
             "pass jobs/seg_fedavg (regenerate with `hospital-fl export-jobs`)",
         ) from None
-    args, controller = executor["args"], server["workflows"][0]["args"]
+    args, workflow = executor["args"], server["workflows"][0]
+    controller = workflow["args"]
+    optimizer = controller.get("optimizer_args")
+    kinds = {"torch.optim.Adam": "adam", "torch.optim.SGD": "sgdm"}
+    server_optimizer = (
+        _server_optimizer({"kind": kinds.get(optimizer["path"], "yogi"), **optimizer.get("args", {})})
+        if optimizer
+        else None
+    )
     return SegJobSpec(
         name=job_dir.name,
         num_sites=controller.get("num_clients", 3),  # FLARE omits arguments at their default (FedAvg's is 3)
@@ -207,4 +251,5 @@ def read_seg_job_folder(job_dir: str | Path) -> SegJobSpec:
         model=SegModelConfig(**args["model"]),
         pipeline=SegPipelineConfig(**args["pipeline"]),
         train=SegTrainConfig(**args["train"]),
+        server_optimizer=server_optimizer,
     )
