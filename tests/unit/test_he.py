@@ -183,7 +183,7 @@ def test_layout_and_params_must_agree(kits, round_of_three):
     reference, sites, _, payloads = round_of_three
     scaled = {k: v * 4 if v.dtype.kind == "f" else v for k, v in reference.items()}
     other_frames = encrypt_update(sites[0], scaled, 0.2, client, CKKS, workers=1)
-    with pytest.raises(InputError, match="update #1.*exponent"):
+    with pytest.raises(InputError, match="update of #1.*exponent"):
         add_encrypted([payloads[0], other_frames], server)
     with pytest.raises(InputError, match="parameters"):
         add_encrypted([payloads[0], {**payloads[1], "params": {**payloads[1]["params"], "headroom_bits": 3}}], server)

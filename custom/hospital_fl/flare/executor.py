@@ -35,7 +35,14 @@ from hospital_fl.privacy.site import SitePrivacy
 from hospital_fl.training.config import TrainConfig
 from hospital_fl.training.site_round import run_site_round, score_global
 
-__all__ = ["CXRTrainExecutor", "TRAIN_TASK", "SAMPLE_COUNT_TASK", "VALIDATE_TASK", "FINAL_MODEL_FILE"]
+__all__ = [
+    "CXRTrainExecutor",
+    "keep_final_model",
+    "TRAIN_TASK",
+    "SAMPLE_COUNT_TASK",
+    "VALIDATE_TASK",
+    "FINAL_MODEL_FILE",
+]
 
 TRAIN_TASK = "train"
 SAMPLE_COUNT_TASK = "sample_count"  # an HE job asks for each site's aggregation weight first
@@ -243,11 +250,16 @@ class CXRTrainExecutor(Executor):
         keep it in the site's run folder: in an HE job only the sites can read it."""
         received = FLModelUtils.from_shareable(shareable, fl_ctx)
         scores = score_global(site, received.params, self.model_cfg, self.train_cfg.device)
-        run_dir = fl_ctx.get_engine().get_workspace().get_run_dir(fl_ctx.get_job_id())
-        torch.save(
-            {k: torch.as_tensor(np.asarray(v)) for k, v in received.params.items()}, f"{run_dir}/{FINAL_MODEL_FILE}"
-        )
+        keep_final_model(received.params, fl_ctx)
         if self._site_privacy is not None:  # under DP the scores stay at the site
             self.log_info(fl_ctx, f"final model at {site.name}: {scores} (kept at the site)")
             scores = {}
         return FLModelUtils.to_shareable(FLModel(params={}, metrics=scores, meta={"n_test": len(site.test)}))
+
+
+def keep_final_model(weights: dict, fl_ctx: FLContext) -> str:
+    """Save a job's final model in this site's run folder (an HE job's is readable only here)."""
+    run_dir = fl_ctx.get_engine().get_workspace().get_run_dir(fl_ctx.get_job_id())
+    path = f"{run_dir}/{FINAL_MODEL_FILE}"
+    torch.save({k: torch.as_tensor(np.asarray(v)) for k, v in weights.items()}, path)
+    return path

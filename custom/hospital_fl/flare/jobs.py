@@ -35,6 +35,7 @@ from hospital_fl.training.config import TrainConfig
 
 __all__ = [
     "JobSpec",
+    "round_controller",
     "spec_to_json",
     "ALGORITHMS",
     "STANDARD_JOBS",
@@ -235,6 +236,10 @@ class _InstalledSiteCode:
 
     site_executor: CXRTrainExecutor
 
+    def _setup_model_and_persistor(self, job) -> str:
+        self._building_job = job  # the controller hook may add components (FedOpt's model copy)
+        return super()._setup_model_and_persistor(job)
+
     def _prepare_client_apps(self) -> None:
         # The HE controller also asks for sample counts and has the final model scored at the sites.
         tasks = [TRAIN_TASK, SAMPLE_COUNT_TASK, VALIDATE_TASK] if self.spec.he is not None else [TRAIN_TASK]
@@ -250,10 +255,6 @@ class HospitalRecipe(_InstalledSiteCode, FedAvgRecipe):
         self.spec = spec  # read by the hooks below, which run inside FedAvgRecipe.__init__
         super().__init__(**kwargs)
 
-    def _setup_model_and_persistor(self, job) -> str:
-        self._building_job = job
-        return super()._setup_model_and_persistor(job)
-
     def _get_controller_kwargs(self) -> dict:
         return {"fedprox_mu": self.spec.fedprox_mu} if self.spec.algorithm == "fedprox" else {}
 
@@ -262,19 +263,7 @@ class HospitalRecipe(_InstalledSiteCode, FedAvgRecipe):
         policy = dict(
             min_responses=spec.min_clients, round_timeout=spec.round_timeout, wait_after_min=spec.wait_after_min
         )
-        if spec.he is not None:
-            from hospital_fl.flare.he import EncryptedFedAvg
-
-            return EncryptedFedAvg(
-                num_clients=spec.num_sites,
-                num_rounds=spec.num_rounds,
-                aggregator=model_aggregator,
-                persistor_id=persistor_id,
-                fedprox_mu=spec.fedprox_mu if spec.algorithm == "fedprox" else 0.0,
-                task_name=TRAIN_TASK,
-                **policy,
-            )
-        if spec.algorithm == "scaffold":
+        if spec.algorithm == "scaffold" and spec.he is None:
             return RoundPolicyScaffold(
                 num_clients=spec.num_sites,
                 num_rounds=spec.num_rounds,
@@ -282,33 +271,77 @@ class HospitalRecipe(_InstalledSiteCode, FedAvgRecipe):
                 aggregator=model_aggregator,
                 **policy,
             )
-        kwargs = dict(
-            num_clients=spec.num_sites,
+        return round_controller(
+            self._building_job,
+            num_sites=spec.num_sites,
             num_rounds=spec.num_rounds,
             persistor_id=persistor_id,
-            model=model_params,
+            model_params=model_params,
             aggregator=model_aggregator,
+            policy=policy,
+            he=spec.he is not None,
+            fedprox_mu=spec.fedprox_mu if spec.algorithm == "fedprox" else 0.0,
+            server_optimizer=spec.server_optimizer if spec.algorithm == "fedopt" else None,
+            network=lambda: _model_of(spec),
+        )
+
+
+def round_controller(
+    job,
+    *,
+    num_sites: int,
+    num_rounds: int,
+    persistor_id: str,
+    model_params,
+    aggregator,
+    policy: dict,
+    he: bool = False,
+    fedprox_mu: float = 0.0,
+    server_optimizer: ServerOptimizerConfig | None = None,
+    network=None,
+):
+    """The server controller of a FedAvg-family job, with the job's round policy: the HE
+    controller, FLARE's FedOpt (the server optimiser stepping a torch copy of ``network()``,
+    added to ``job``), or FLARE's FedAvg / FedProx."""
+    if he:
+        from hospital_fl.flare.he import EncryptedFedAvg
+
+        return EncryptedFedAvg(
+            num_clients=num_sites,
+            num_rounds=num_rounds,
+            aggregator=aggregator,
+            persistor_id=persistor_id,
+            fedprox_mu=fedprox_mu,
             task_name=TRAIN_TASK,
-            **self._get_controller_kwargs(),
             **policy,
         )
-        if spec.algorithm == "fedopt":
-            # FLARE's FedOpt steps a torch copy of the model, found by component id.
-            self._building_job.to_server(_model_of(spec), id="fedopt_model")
-            return RoundPolicyFedOpt(
-                source_model="fedopt_model",
-                # config_type "dict": FLARE builds these at run time, once the model's parameters exist
-                optimizer_args={**spec.server_optimizer.flare_optimizer_args(), "config_type": "dict"},
-                # constant server learning rate (FLARE's default is a 3-round cosine)
-                lr_scheduler_args={
-                    "path": "torch.optim.lr_scheduler.ConstantLR",
-                    "args": {"factor": 1.0},
-                    "config_type": "dict",
-                },
-                device="cpu",
-                **kwargs,
-            )
+    kwargs = dict(
+        num_clients=num_sites,
+        num_rounds=num_rounds,
+        persistor_id=persistor_id,
+        model=model_params,
+        aggregator=aggregator,
+        task_name=TRAIN_TASK,
+        **({"fedprox_mu": fedprox_mu} if fedprox_mu else {}),
+        **policy,
+    )
+    if server_optimizer is None:
         return RoundPolicyFedAvg(**kwargs)
+    # FLARE's FedOpt steps a torch copy of the model, found by component id.
+    job.to_server(network(), id="fedopt_model")
+    return RoundPolicyFedOpt(
+        source_model="fedopt_model",
+        # config_type "dict": FLARE builds these at run time, once the model's parameters exist
+        optimizer_args={**server_optimizer.flare_optimizer_args(), "config_type": "dict"},
+        # constant server learning rate (FLARE's default is a 3-round cosine)
+        lr_scheduler_args={
+            "path": "torch.optim.lr_scheduler.ConstantLR",
+            "args": {"factor": 1.0},
+            "config_type": "dict",
+        },
+        device="cpu",
+        **kwargs,
+    )
 
 
 def _model_of(spec: JobSpec) -> CXRClassifier:
@@ -356,7 +389,9 @@ def build_recipe(spec: JobSpec) -> Recipe:
     if spec.he is not None:
         from hospital_fl.flare.he import DecryptGlobalModel, EncryptUpdate
 
-        recipe.add_client_input_filter(DecryptGlobalModel(), tasks=[TRAIN_TASK, VALIDATE_TASK])
+        # one filter per task: FLARE keeps a filter's tasks as a set, whose order would vary per export
+        for task in (TRAIN_TASK, VALIDATE_TASK):
+            recipe.add_client_input_filter(DecryptGlobalModel(), tasks=[task])
         recipe.add_client_output_filter(EncryptUpdate(ckks=spec.he.to_json()), tasks=[TRAIN_TASK])
     # hospital_fl is installed at every site: reference it, never copy it into app/custom.
     recipe._job.set_app_packages(["hospital_fl"])

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 
-import numpy as np
 import torch
 from nvflare.apis.event_type import EventType
 from nvflare.apis.executor import Executor
@@ -30,7 +29,7 @@ from nvflare.app_common.utils.fl_model_utils import FLModelUtils
 
 from hospital_fl.data.ingest.site_dataset import site_data_path
 from hospital_fl.errors import InputError
-from hospital_fl.flare.executor import FINAL_MODEL_FILE, SAMPLE_COUNT_TASK, TRAIN_TASK, VALIDATE_TASK
+from hospital_fl.flare.executor import SAMPLE_COUNT_TASK, TRAIN_TASK, VALIDATE_TASK, keep_final_model
 from hospital_fl.models.seg import SegModelConfig, build_seg_model
 from hospital_fl.segmentation.datalist import DatalistReport, validate_datalist
 from hospital_fl.segmentation.pipeline import SegPipelineConfig, SegTrainConfig, evaluate
@@ -159,10 +158,7 @@ class SegTrainExecutor(Executor):
         model = build_seg_model(self.model_cfg)
         set_weights(model, received.params)
         scores = evaluate(model, val_cases, self.pipe_cfg, self.train_cfg) if val_cases else {}
-        run_dir = fl_ctx.get_engine().get_workspace().get_run_dir(fl_ctx.get_job_id())
-        torch.save(
-            {k: torch.as_tensor(np.asarray(v)) for k, v in received.params.items()}, f"{run_dir}/{FINAL_MODEL_FILE}"
-        )
+        keep_final_model(received.params, fl_ctx)
         metrics = (
             {"val_dice": scores["mean_dice"], **{f"val_dice_{r}": v for r, v in scores["dice"].items()}}
             if scores

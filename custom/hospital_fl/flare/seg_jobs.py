@@ -20,10 +20,9 @@ from hospital_fl.aggregation.server_optimizer import ServerOptimizerConfig
 from hospital_fl.compression.codecs import CompressionConfig
 from hospital_fl.errors import InputError
 from hospital_fl.flare.aggregator import UpdateAggregator
-from hospital_fl.flare.controllers import RoundPolicyFedAvg, RoundPolicyFedOpt
 from hospital_fl.flare.executor import TRAIN_TASK, VALIDATE_TASK
 from hospital_fl.flare.filters import CompressUpdate, DecompressUpdate
-from hospital_fl.flare.jobs import _InstalledSiteCode, _server_optimizer
+from hospital_fl.flare.jobs import _InstalledSiteCode, _server_optimizer, round_controller
 from hospital_fl.flare.seg_executor import SegTrainExecutor
 from hospital_fl.models.seg import SegModelConfig, SegNetwork
 from hospital_fl.privacy.he_params import CKKSParams
@@ -114,7 +113,7 @@ class SegJobSpec:
 
 
 class SegRecipe(_InstalledSiteCode, FedAvgRecipe):
-    """FLARE's FedAvg recipe with the round policy (or the HE controller) for segmentation."""
+    """FLARE's FedAvg recipe for segmentation: FedAvg, FedAvgM (FLARE's FedOpt) or the HE controller."""
 
     def __init__(self, spec: SegJobSpec, **kwargs):
         self.spec = spec
@@ -122,48 +121,20 @@ class SegRecipe(_InstalledSiteCode, FedAvgRecipe):
 
     def _create_controller(self, persistor_id: str, model_params, model_aggregator):
         spec = self.spec
-        policy = dict(
-            min_responses=spec.min_clients, round_timeout=spec.round_timeout, wait_after_min=spec.wait_after_min
-        )
-        if spec.he is not None:
-            from hospital_fl.flare.he import EncryptedFedAvg
-
-            return EncryptedFedAvg(
-                num_clients=spec.num_sites,
-                num_rounds=spec.num_rounds,
-                aggregator=model_aggregator,
-                persistor_id=persistor_id,
-                task_name=TRAIN_TASK,
-                **policy,
-            )
-        kwargs = dict(
-            num_clients=spec.num_sites,
+        return round_controller(
+            self._building_job,
+            num_sites=spec.num_sites,
             num_rounds=spec.num_rounds,
             persistor_id=persistor_id,
-            model=model_params,
+            model_params=model_params,
             aggregator=model_aggregator,
-            task_name=TRAIN_TASK,
-            **policy,
+            policy=dict(
+                min_responses=spec.min_clients, round_timeout=spec.round_timeout, wait_after_min=spec.wait_after_min
+            ),
+            he=spec.he is not None,
+            server_optimizer=spec.server_optimizer,
+            network=lambda: _network(spec),
         )
-        if spec.server_optimizer is None:
-            return RoundPolicyFedAvg(**kwargs)
-        # FLARE's FedOpt steps a torch copy of the network, found by component id.
-        self._building_job.to_server(_network(spec), id="fedopt_model")
-        return RoundPolicyFedOpt(
-            source_model="fedopt_model",
-            optimizer_args={**spec.server_optimizer.flare_optimizer_args(), "config_type": "dict"},
-            lr_scheduler_args={
-                "path": "torch.optim.lr_scheduler.ConstantLR",
-                "args": {"factor": 1.0},
-                "config_type": "dict",
-            },
-            device="cpu",
-            **kwargs,
-        )
-
-    def _setup_model_and_persistor(self, job) -> str:
-        self._building_job = job
-        return super()._setup_model_and_persistor(job)
 
 
 def _network(spec: SegJobSpec) -> SegNetwork:
@@ -196,7 +167,9 @@ def build_seg_recipe(spec: SegJobSpec) -> Recipe:
         recipe.add_client_output_filter(CompressUpdate(**dataclasses.asdict(spec.uplink)), tasks=[TRAIN_TASK])
         recipe.add_server_input_filter(DecompressUpdate(), tasks=[TRAIN_TASK])
     if spec.he is not None:
-        recipe.add_client_input_filter(DecryptGlobalModel(), tasks=[TRAIN_TASK, VALIDATE_TASK])
+        # one filter per task: FLARE keeps a filter's tasks as a set, whose order would vary per export
+        for task in (TRAIN_TASK, VALIDATE_TASK):
+            recipe.add_client_input_filter(DecryptGlobalModel(), tasks=[task])
         recipe.add_client_output_filter(EncryptUpdate(ckks=spec.he.to_json()), tasks=[TRAIN_TASK])
     recipe._job.set_app_packages(["hospital_fl"])
     return recipe

@@ -260,16 +260,11 @@ def add_encrypted(
         raise InputError(
             "names", len(names), f"there must be one name per update ({len(payloads)})", "pass one per site"
         )
-    labels = [f"update of {n}" for n in names] if names is not None else [f"update #{i}" for i in range(len(payloads))]
+    labels = list(names) if names is not None else [f"#{i}" for i in range(len(payloads))]
+    if not isinstance(ctx, ts.Context):
+        raise InputError("TenSEAL context", type(ctx).__name__, "it must be a TenSEAL context", "use load_context()")
     for label, payload in zip(labels, payloads):
-        if not is_encrypted(payload):
-            raise InputError(
-                label,
-                type(payload).__name__,
-                "a plaintext update in an encrypted round: the server would see it in the clear and could not add it",
-                "the site must run the job with homomorphic encryption on (its kit's client_context.tenseal)",
-            )
-    checked = [_check_payload(p, label) for p, label in zip(payloads, labels)]
+        check_payload(payload, ctx, name=label)  # plaintext or malformed: refused before the key checks
     total_weight = float(sum(p["weight"] for p in payloads))
     if total_weight > 1 + WEIGHT_TOLERANCE:
         raise InputError(
@@ -278,29 +273,13 @@ def add_encrypted(
             "the shares of a round's sites sum to at most 1: an update was sent twice or a share is wrong",
             "each site's weight is its n_i / sum n over the round's sites, and each site is added once",
         )
-    if not isinstance(ctx, ts.Context):
-        raise InputError("TenSEAL context", type(ctx).__name__, "it must be a TenSEAL context", "use load_context()")
     if expected_fingerprint is None and ctx.has_secret_key():
         expected_fingerprint = context_fingerprint(ctx)
     if expected_fingerprint is None:
         expected_fingerprint = Counter(p["fingerprint"] for p in payloads).most_common(1)[0][0]
     for label, payload in zip(labels, payloads):
-        if payload["fingerprint"] != expected_fingerprint:
-            raise InputError(
-                label,
-                f"key id {payload['fingerprint'][:16]}…",
-                f"a ciphertext from a different context (another provisioning's key than {expected_fingerprint[:16]}…): "
-                "the sum would decrypt to garbage",
-                _KIT_USE,
-            )
-    ckks, layout = checked[0]
-    for label, (other_ckks, other_layout) in zip(labels, checked):
-        if other_ckks != ckks:
-            raise InputError(
-                label, other_ckks.to_json(), f"its CKKS parameters must be the round's {ckks.to_json()}", _KIT_USE
-            )
-        layout.check_same(other_layout, label)
-    _check_context_params(ctx, ckks, encrypting=False)
+        check_payload(payload, ctx, name=label, first=payloads[0], expected_fingerprint=expected_fingerprint)
+    ckks, layout = _check_payload(payloads[0], f"update of {labels[0]}")
     groups = [list(g) for g in zip(*(p["chunks"] for p in payloads))]
     public_bytes = ctx.serialize(
         save_public_key=False, save_secret_key=False, save_galois_keys=False, save_relin_keys=False
