@@ -85,9 +85,16 @@ def test_other_tasks_are_declined_and_unknown_sites_named():
     executor = CXRTrainExecutor(train=FAST)
 
     assert (
-        executor.execute("validate", Shareable(), _ctx("site-1"), Signal()).get_return_code() == ReturnCode.TASK_UNKNOWN
+        executor.execute("submit_model", Shareable(), _ctx("site-1"), Signal()).get_return_code()
+        == ReturnCode.TASK_UNKNOWN
+    )
+    # the HE job's final "validate" task must carry the model: without one it is answered with an error
+    assert (
+        executor.execute("validate", Shareable(), _ctx("site-1"), Signal()).get_return_code()
+        == ReturnCode.BAD_TASK_DATA
     )
     # an unknown site answers every task with an error naming the problem (the server then ends the job)
+    executor = CXRTrainExecutor(train=FAST)
     reply = executor.execute("train", _task(get_weights(build_cxr_model())), _ctx("hospital-z"), Signal())
     assert reply.get_return_code() == ReturnCode.EXECUTION_EXCEPTION
     assert "site data refused this job at hospital-z: site name: got 'hospital-z'" in executor._refusal

@@ -248,7 +248,11 @@ class CXRTrainExecutor(Executor):
     def _score_final(self, site: SiteData, shareable: Shareable, fl_ctx: FLContext) -> Shareable:
         """Score the job's final model (decrypted by the HE filter) on this site's own data and
         keep it in the site's run folder: in an HE job only the sites can read it."""
-        received = FLModelUtils.from_shareable(shareable, fl_ctx)
+        try:
+            received = FLModelUtils.from_shareable(shareable, fl_ctx)
+        except ValueError as err:  # a validate task must carry the model to score
+            self.log_error(fl_ctx, f"validate task without a model: {err}")
+            return make_reply(ReturnCode.BAD_TASK_DATA)
         scores = score_global(site, received.params, self.model_cfg, self.train_cfg.device)
         keep_final_model(received.params, fl_ctx)
         if self._site_privacy is not None:  # under DP the scores stay at the site
