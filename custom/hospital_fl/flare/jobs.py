@@ -36,6 +36,7 @@ from hospital_fl.training.config import TrainConfig
 __all__ = [
     "JobSpec",
     "round_controller",
+    "add_wire_filters",
     "spec_to_json",
     "ALGORITHMS",
     "STANDARD_JOBS",
@@ -364,6 +365,25 @@ def _aggregator_of(spec: JobSpec):
     )
 
 
+def add_wire_filters(
+    recipe: Recipe, uplink: CompressionConfig, downlink: CompressionConfig, he: CKKSParams | None
+) -> None:
+    """What a job does to models on the wire: compression each way, or HE (never both)."""
+    if uplink.enabled:
+        recipe.add_client_output_filter(CompressUpdate(**dataclasses.asdict(uplink)), tasks=[TRAIN_TASK])
+        recipe.add_server_input_filter(DecompressUpdate(), tasks=[TRAIN_TASK])
+    if downlink.enabled:
+        recipe.add_server_output_filter(CompressUpdate(**dataclasses.asdict(downlink)), tasks=[TRAIN_TASK])
+        recipe.add_client_input_filter(DecompressUpdate(), tasks=[TRAIN_TASK])
+    if he is not None:
+        from hospital_fl.flare.he import DecryptGlobalModel, EncryptUpdate
+
+        # one filter per task: FLARE keeps a filter's tasks as a set, whose order would vary per export
+        for task in (TRAIN_TASK, VALIDATE_TASK):
+            recipe.add_client_input_filter(DecryptGlobalModel(), tasks=[task])
+        recipe.add_client_output_filter(EncryptUpdate(ckks=he.to_json()), tasks=[TRAIN_TASK])
+
+
 def build_recipe(spec: JobSpec) -> Recipe:
     """A FLARE recipe for ``spec``, ready for SimEnv / PocEnv / ProdEnv or export."""
     recipe = HospitalRecipe(
@@ -380,19 +400,7 @@ def build_recipe(spec: JobSpec) -> Recipe:
     )
     recipe.site_executor = CXRTrainExecutor(**spec.executor_args())
     recipe.add_server_config({"server": {"task_request_interval": spec.task_request_interval}})
-    if spec.uplink.enabled:
-        recipe.add_client_output_filter(CompressUpdate(**dataclasses.asdict(spec.uplink)), tasks=[TRAIN_TASK])
-        recipe.add_server_input_filter(DecompressUpdate(), tasks=[TRAIN_TASK])
-    if spec.downlink.enabled:
-        recipe.add_server_output_filter(CompressUpdate(**dataclasses.asdict(spec.downlink)), tasks=[TRAIN_TASK])
-        recipe.add_client_input_filter(DecompressUpdate(), tasks=[TRAIN_TASK])
-    if spec.he is not None:
-        from hospital_fl.flare.he import DecryptGlobalModel, EncryptUpdate
-
-        # one filter per task: FLARE keeps a filter's tasks as a set, whose order would vary per export
-        for task in (TRAIN_TASK, VALIDATE_TASK):
-            recipe.add_client_input_filter(DecryptGlobalModel(), tasks=[task])
-        recipe.add_client_output_filter(EncryptUpdate(ckks=spec.he.to_json()), tasks=[TRAIN_TASK])
+    add_wire_filters(recipe, spec.uplink, spec.downlink, spec.he)
     # hospital_fl is installed at every site: reference it, never copy it into app/custom.
     recipe._job.set_app_packages(["hospital_fl"])
     return recipe

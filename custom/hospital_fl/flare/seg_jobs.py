@@ -20,9 +20,7 @@ from hospital_fl.aggregation.server_optimizer import ServerOptimizerConfig
 from hospital_fl.compression.codecs import CompressionConfig
 from hospital_fl.errors import InputError
 from hospital_fl.flare.aggregator import UpdateAggregator
-from hospital_fl.flare.executor import TRAIN_TASK, VALIDATE_TASK
-from hospital_fl.flare.filters import CompressUpdate, DecompressUpdate
-from hospital_fl.flare.jobs import _InstalledSiteCode, _server_optimizer, round_controller
+from hospital_fl.flare.jobs import _InstalledSiteCode, _server_optimizer, add_wire_filters, round_controller
 from hospital_fl.flare.seg_executor import SegTrainExecutor
 from hospital_fl.models.seg import SegModelConfig, SegNetwork
 from hospital_fl.privacy.he_params import CKKSParams
@@ -145,7 +143,7 @@ def _network(spec: SegJobSpec) -> SegNetwork:
 def build_seg_recipe(spec: SegJobSpec) -> Recipe:
     """A FLARE recipe for ``spec``, ready for SimEnv / PocEnv / ProdEnv or export."""
     if spec.he is not None:
-        from hospital_fl.flare.he import DecryptGlobalModel, EncryptedSumAggregator, EncryptUpdate
+        from hospital_fl.flare.he import EncryptedSumAggregator
 
         aggregator = EncryptedSumAggregator()
     else:
@@ -163,14 +161,7 @@ def build_seg_recipe(spec: SegJobSpec) -> Recipe:
     )
     recipe.site_executor = SegTrainExecutor(**spec.executor_args())
     recipe.add_server_config({"server": {"task_request_interval": spec.task_request_interval}})
-    if spec.uplink.enabled:
-        recipe.add_client_output_filter(CompressUpdate(**dataclasses.asdict(spec.uplink)), tasks=[TRAIN_TASK])
-        recipe.add_server_input_filter(DecompressUpdate(), tasks=[TRAIN_TASK])
-    if spec.he is not None:
-        # one filter per task: FLARE keeps a filter's tasks as a set, whose order would vary per export
-        for task in (TRAIN_TASK, VALIDATE_TASK):
-            recipe.add_client_input_filter(DecryptGlobalModel(), tasks=[task])
-        recipe.add_client_output_filter(EncryptUpdate(ckks=spec.he.to_json()), tasks=[TRAIN_TASK])
+    add_wire_filters(recipe, spec.uplink, CompressionConfig(), spec.he)
     recipe._job.set_app_packages(["hospital_fl"])
     return recipe
 
