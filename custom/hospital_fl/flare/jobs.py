@@ -437,13 +437,27 @@ STANDARD_JOBS = {
 }
 
 
-def export_job(spec: JobSpec, jobs_dir: str | Path) -> Path:
-    """Write ``spec`` as a FLARE job folder ``jobs_dir/spec.name`` (replacing an old one)."""
-    target = Path(jobs_dir) / spec.name
+def export_recipe(recipe: Recipe, name: str, jobs_dir: str | Path) -> Path:
+    """Write a recipe as the FLARE job folder ``jobs_dir/name`` (replacing an old one)."""
+    target = Path(jobs_dir) / name
     if target.exists():
         shutil.rmtree(target)
-    build_recipe(spec).export(str(jobs_dir))
+    recipe.export(str(jobs_dir))
     return target
+
+
+def export_job(spec: JobSpec, jobs_dir: str | Path) -> Path:
+    """Write ``spec`` as a FLARE job folder ``jobs_dir/spec.name`` (replacing an old one)."""
+    return export_recipe(build_recipe(spec), spec.name, jobs_dir)
+
+
+def server_optimizer_in(controller_args: dict) -> ServerOptimizerConfig | None:
+    """The server optimiser an exported FedOpt controller's arguments name (None: no FedOpt)."""
+    optimizer = controller_args.get("optimizer_args")
+    if not optimizer:
+        return None
+    kinds = {"torch.optim.Adam": "adam", "torch.optim.SGD": "sgdm"}
+    return _server_optimizer({"kind": kinds.get(optimizer.get("path", ""), "yogi"), **optimizer.get("args", {})})
 
 
 def read_job_folder(job_dir: str | Path) -> JobSpec:
@@ -482,12 +496,7 @@ def read_job_folder(job_dir: str | Path) -> JobSpec:
         kind, "fedprox" if mu else "fedavg"
     )
     aggregator = (controller.get("aggregator") or {}).get("args", {})
-    optimizer = (controller.get("optimizer_args") or {}).get("path", "")
-    opt_args = (controller.get("optimizer_args") or {}).get("args", {})
-    kinds = {"torch.optim.Adam": "adam", "torch.optim.SGD": "sgdm"}
-    server_optimizer = (
-        _server_optimizer({"kind": kinds.get(optimizer, "yogi"), **opt_args}) if optimizer else ServerOptimizerConfig()
-    )
+    server_optimizer = server_optimizer_in(controller) or ServerOptimizerConfig()
     return JobSpec(
         name=job_dir.name,
         algorithm=algorithm,

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,7 +19,14 @@ from hospital_fl.aggregation.server_optimizer import ServerOptimizerConfig
 from hospital_fl.compression.codecs import CompressionConfig
 from hospital_fl.errors import InputError
 from hospital_fl.flare.aggregator import UpdateAggregator
-from hospital_fl.flare.jobs import _InstalledSiteCode, _server_optimizer, add_wire_filters, round_controller
+from hospital_fl.flare.jobs import (
+    _InstalledSiteCode,
+    _server_optimizer,
+    add_wire_filters,
+    export_recipe,
+    round_controller,
+    server_optimizer_in,
+)
 from hospital_fl.flare.seg_executor import SegTrainExecutor
 from hospital_fl.models.seg import SegModelConfig, SegNetwork
 from hospital_fl.privacy.he_params import CKKSParams
@@ -171,11 +177,7 @@ SEG_JOBS = {"seg_fedavg": SegJobSpec()}
 
 def export_seg_job(spec: SegJobSpec, jobs_dir: str | Path) -> Path:
     """Write ``spec`` as a FLARE job folder ``jobs_dir/spec.name`` (replacing an old one)."""
-    target = Path(jobs_dir) / spec.name
-    if target.exists():
-        shutil.rmtree(target)
-    build_seg_recipe(spec).export(str(jobs_dir))
-    return target
+    return export_recipe(build_seg_recipe(spec), spec.name, jobs_dir)
 
 
 def read_seg_job_folder(job_dir: str | Path) -> SegJobSpec:
@@ -196,13 +198,7 @@ def read_seg_job_folder(job_dir: str | Path) -> SegJobSpec:
         ) from None
     args, workflow = executor["args"], server["workflows"][0]
     controller = workflow["args"]
-    optimizer = controller.get("optimizer_args")
-    kinds = {"torch.optim.Adam": "adam", "torch.optim.SGD": "sgdm"}
-    server_optimizer = (
-        _server_optimizer({"kind": kinds.get(optimizer["path"], "yogi"), **optimizer.get("args", {})})
-        if optimizer
-        else None
-    )
+    server_optimizer = server_optimizer_in(controller)
     return SegJobSpec(
         name=job_dir.name,
         num_sites=controller.get("num_clients", 3),  # FLARE omits arguments at their default (FedAvg's is 3)
