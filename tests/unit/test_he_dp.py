@@ -23,11 +23,14 @@ def test_dp_noise_before_encryption_keeps_the_accounting():
     plain = run_federated_in_process(data, ModelConfig(), train, 1, dp)
     encrypted = run_federated_in_process(data, ModelConfig(), train, 1, dp, he=CKKSParams())
 
-    assert encrypted.privacy == plain.privacy  # same noise, same epsilon per site
+    assert encrypted.privacy == plain.privacy  # same calibrated noise, same epsilon per site
     assert "he" in encrypted.rounds[-1]
-    for a, b in zip(plain.model.state_dict().values(), encrypted.model.state_dict().values()):
-        # The same noised updates, averaged in plaintext or under CKKS: equal up to the fixed-point step.
-        assert np.allclose(a.numpy(), b.numpy(), atol=5e-4)
+    # The noise is drawn from the OS at every release, so the two runs (same seed) differ;
+    # HE's exactness on a given set of updates is tested in test_he.py.
+    assert any(
+        not np.allclose(a.numpy(), b.numpy())
+        for a, b in zip(plain.model.state_dict().values(), encrypted.model.state_dict().values())
+    )
 
 
 def test_he_job_spec_accepts_sample_dp_and_refuses_what_the_server_would_have_to_read():

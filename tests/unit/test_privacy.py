@@ -234,7 +234,7 @@ def test_adaptive_clipping_moves_toward_the_target_quantile():
 
 
 def test_central_dp_spends_exactly_its_target_over_the_job():
-    central = CentralClientDP(DPConfig("client-central", 3.0), num_rounds=4, seed=0)
+    central = CentralClientDP(DPConfig("client-central", 3.0), num_rounds=4)
     updates = [{"w": np.full(10, float(i), np.float32)} for i in range(1, 4)]
     for _ in range(4):
         _, info = central.combine(updates)
@@ -289,9 +289,11 @@ def test_dp_sgd_keeps_one_wrapped_model_and_plain_names_across_rounds(small_site
 
 def test_private_site_round_sends_only_noised_metrics_and_a_difference(small_site):
     cfg = TrainConfig(epochs=1, device="cpu")
-    privacy = SitePrivacy(DPConfig("sample", 8.0), ModelConfig(), cfg, len(small_site.train), 3, "site-4", seed=0)
+    privacy = SitePrivacy(DPConfig("sample", 8.0), ModelConfig(), cfg, len(small_site.train), 3, "site-4")
     planned, per_round = privacy.planned_releases(), privacy.round_releases()
     assert set(planned) == {"sample", "metrics"}
+    # the job's target is the total: training and metric releases composed
+    assert 7.99 <= epsilon_of(list(planned.values()), 1e-5) <= 8.0
     assert planned["sample"][2] == 3 * per_round["sample"][2]
     global_weights = get_weights(build_cxr_model())
     outcome = run_site_round(small_site, global_weights, 0, 3, cfg, ModelConfig(), privacy=privacy)
@@ -304,7 +306,7 @@ def test_private_site_round_sends_only_noised_metrics_and_a_difference(small_sit
 
 def test_local_client_dp_noises_the_update(small_site):
     cfg = TrainConfig(epochs=1, device="cpu")
-    privacy = SitePrivacy(DPConfig("client-local", 8.0), ModelConfig(), cfg, len(small_site.train), 2, "s", seed=0)
+    privacy = SitePrivacy(DPConfig("client-local", 8.0), ModelConfig(), cfg, len(small_site.train), 2, "s")
     outcome = run_site_round(small_site, get_weights(build_cxr_model()), 0, 2, cfg, ModelConfig(), privacy=privacy)
     # clipped to 1.0, then noise of std z*1.0 on every coordinate: the norm is far above the clip
     assert update_norm(outcome.weights) > 10 * privacy.dp.clip_norm

@@ -76,13 +76,13 @@ def run_federated_in_process(
     sites = [poison_site(attack, s) if attack and i == attack.site_index else s for i, s in enumerate(data.sites)]
     privacy = (
         {
-            site.name: SitePrivacy(dp, model_cfg, train_cfg, len(site.train), rounds, site.name, train_cfg.seed)
+            site.name: SitePrivacy(dp, model_cfg, train_cfg, len(site.train), rounds, site.name)
             for site in sites
         }
         if dp.enabled
         else {}
     )
-    central = CentralClientDP(dp, rounds, seed=train_cfg.seed) if dp.mechanism == "client-central" else None
+    central = CentralClientDP(dp, rounds) if dp.mechanism == "client-central" else None
     server_opt = ServerOptimizer(server_optimizer, weights, trainable) if server_optimizer else None
     c_global = {k: np.zeros_like(weights[k], dtype=np.float32) for k in trainable} if scaffold else None
     c_local = {site.name: dict(c_global) for site in sites} if scaffold else {}

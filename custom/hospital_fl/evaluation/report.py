@@ -73,7 +73,8 @@ def privacy_by_site(history: list[dict]) -> dict[str, dict | None]:
             if s.get("accepted") and p:
                 out[s["site"]] = {
                     "mechanism": p["mechanism"],
-                    "epsilon": p["site_epsilon_so_far"],
+                    # a DP site reports the job's bound; its exact spend would reveal its count
+                    "epsilon": p["epsilon_bound"] if "epsilon_bound" in p else p["site_epsilon_so_far"],
                     "delta": p["delta"],
                     "training_noise_multiplier": p.get("training_noise_multiplier"),
                     "sample_rate": p.get("sample_rate"),

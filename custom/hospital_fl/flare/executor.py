@@ -155,7 +155,6 @@ class CXRTrainExecutor(Executor):
                     len(site.train),
                     self.num_rounds,
                     site.name,
-                    seed=self.train_cfg.seed,
                 )
             self._gate = open_gate(fl_ctx, self.dp_cfg, self._site_privacy)
         except (InputError, ValueError) as err:
@@ -227,7 +226,10 @@ class CXRTrainExecutor(Executor):
         if self._site_privacy is not None:
             # Recorded before anything is sent: the releases are made once they leave the site.
             job_epsilon = self._gate.record_round(self._site_privacy)
-            meta["privacy"] = {**self._site_privacy.noise_summary(), "site_epsilon_so_far": job_epsilon}
+            # The exact spend, noise multipliers and sample rates are functions of the record
+            # count: they stay in the site's log and ledger; the reply says only the job's bound.
+            self.log_info(fl_ctx, f"privacy: {self._site_privacy.noise_summary()}, job epsilon so far {job_epsilon}")
+            meta["privacy"] = self._site_privacy.reply_summary()
         if abort_signal.triggered:
             return make_reply(ReturnCode.TASK_ABORTED)
         self.log_info(fl_ctx, f"round {received.current_round}: {site.name} kept {outcome.local_metrics}")
@@ -258,7 +260,8 @@ class CXRTrainExecutor(Executor):
         if self._site_privacy is not None:  # under DP the scores stay at the site
             self.log_info(fl_ctx, f"final model at {site.name}: {scores} (kept at the site)")
             scores = {}
-        return FLModelUtils.to_shareable(FLModel(params={}, metrics=scores, meta={"n_test": len(site.test)}))
+        n_test = None if self._site_privacy is not None else len(site.test)  # counts stay at a DP site
+        return FLModelUtils.to_shareable(FLModel(params={}, metrics=scores, meta={"n_test": n_test}))
 
 
 def keep_final_model(weights: dict, fl_ctx: FLContext) -> str:

@@ -62,32 +62,39 @@ def poisson_schedule(n_samples: int, batch_size: int, epochs: int) -> tuple[floa
     return q, epochs * max(1, math.floor(1 / q))
 
 
+# Calibration aims this far below the target, so that recomposing the same releases in
+# another order or grouping (a ledger's per-round entries) cannot land a float above it.
+_SAFETY = 1e-9
+
+
 def calibrate_noise(
     target_epsilon: float,
     delta: float,
     releases_for: Callable[[float], list[Release]],
     accountant: str = "rdp",
-    tolerance: float = 0.01,
+    tolerance: float = 0.005,
 ) -> float:
     """The smallest noise multiplier z (to ``tolerance`` in epsilon) such that the
-    composition ``releases_for(z)`` stays within ``target_epsilon``; for mechanisms made of
-    several releases whose noise scales with z (e.g. clipped updates plus a noisy count)."""
+    composition ``releases_for(z)`` stays within ``target_epsilon``, never above it; for
+    mechanisms made of several releases, some of whose noise scales with z (e.g. clipped
+    updates plus a noisy count, or training alongside fixed metric releases)."""
+    ceiling = target_epsilon * (1 - _SAFETY)
     low, high = 0.0, 1.0
-    while epsilon_of(releases_for(high), delta, accountant) > target_epsilon:
+    while epsilon_of(releases_for(high), delta, accountant) > ceiling:
         low, high = high, high * 2
         if high > 1e6:
             raise InputError(
                 "privacy.target_epsilon",
                 target_epsilon,
-                "no noise level reaches it",
+                "no noise level reaches it (the releases whose noise is fixed may already spend it)",
                 "raise epsilon or run fewer rounds",
             )
     while True:
         mid = (low + high) / 2
         eps = epsilon_of(releases_for(mid), delta, accountant)
-        if eps > target_epsilon:
+        if eps > ceiling:
             low = mid
         else:
             high = mid
-            if target_epsilon - eps <= tolerance or high - low < 1e-4:
+            if ceiling - eps <= tolerance or high - low < 1e-4:
                 return high

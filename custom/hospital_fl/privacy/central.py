@@ -3,7 +3,9 @@
 Stateful only in the adaptive clip norm; the maths is in client_dp. The noise multiplier
 is calibrated so that all rounds (updates plus the adaptive-clipping count) compose to the
 job's target epsilon; the guarantee covers each site's whole dataset, and sites must trust
-the server, which sees their raw updates.
+the server, which sees their raw updates. Each round's noise is drawn from the OS's
+cryptographic source (hospital_fl.privacy.randomness): no seed, so no site holding the job
+config can subtract it from the global model.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ __all__ = ["CentralClientDP"]
 
 
 class CentralClientDP:
-    def __init__(self, dp: DPConfig, num_rounds: int, seed: int = 0):
+    def __init__(self, dp: DPConfig, num_rounds: int):
         if dp.mechanism != "client-central":
             raise ValueError(f"CentralClientDP runs mechanism client-central, got {dp.mechanism}")
         self.dp, self.num_rounds = dp, num_rounds
@@ -32,12 +34,11 @@ class CentralClientDP:
         )
         self.clip_norm = dp.clip_norm
         self.rounds_done = 0
-        self.rng = np.random.default_rng(seed)
 
     def combine(self, updates: Sequence[dict[str, np.ndarray]]) -> tuple[dict[str, np.ndarray], dict]:
         """The noisy mean of the round's clipped updates, and what the round did."""
         used_clip = self.clip_norm
-        mean, norms = central_dp_mean(updates, used_clip, self.noise_multiplier, self.rng)
+        mean, norms = central_dp_mean(updates, used_clip, self.noise_multiplier)
         if self.dp.adaptive_clip:
             self.clip_norm = adapt_clip_norm(
                 used_clip,
@@ -45,7 +46,6 @@ class CentralClientDP:
                 self.dp.target_quantile,
                 self.dp.clip_learning_rate,
                 self.noise_multiplier * COUNT_NOISE_RATIO,
-                self.rng,
             )
         self.rounds_done += 1
         return mean, {"clip_norm": used_clip, "update_norms": norms, "next_clip_norm": self.clip_norm}

@@ -9,6 +9,9 @@ Adaptive clipping (Andrew et al., "Differentially Private Learning with Adaptive
 Clipping", 2021): C <- C * exp(-lr * (b - gamma)), where b is the noisy fraction of sites
 whose update norm was within C and gamma the target quantile. The count is a second
 Gaussian release, accounted with the updates.
+
+Noise comes from the OS's cryptographic source (hospital_fl.privacy.randomness) unless a
+caller passes its own generator (tests of the maths only; no mechanism does).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from hospital_fl.privacy.accounting import Release
+from hospital_fl.privacy.randomness import privacy_rng
 
 __all__ = [
     "update_norm",
@@ -56,7 +60,8 @@ def clip_update(update: Update, clip_norm: float) -> tuple[dict[str, np.ndarray]
     }, norm
 
 
-def add_gaussian_noise(update: Update, std: float, rng: np.random.Generator) -> dict[str, np.ndarray]:
+def add_gaussian_noise(update: Update, std: float, rng: np.random.Generator | None = None) -> dict[str, np.ndarray]:
+    rng = rng or privacy_rng()
     return {
         k: (np.asarray(v) + rng.normal(0.0, std, np.shape(v))).astype(np.asarray(v).dtype) if _is_float(v) else v
         for k, v in update.items()
@@ -64,7 +69,7 @@ def add_gaussian_noise(update: Update, std: float, rng: np.random.Generator) -> 
 
 
 def privatize_local(
-    update: Update, clip_norm: float, noise_multiplier: float, rng: np.random.Generator
+    update: Update, clip_norm: float, noise_multiplier: float, rng: np.random.Generator | None = None
 ) -> tuple[dict[str, np.ndarray], float]:
     """Local client-level DP: clip to C, add N(0, (z*C)^2) per coordinate."""
     clipped, norm = clip_update(update, clip_norm)
@@ -72,7 +77,7 @@ def privatize_local(
 
 
 def central_dp_mean(
-    updates: Sequence[Update], clip_norm: float, noise_multiplier: float, rng: np.random.Generator
+    updates: Sequence[Update], clip_norm: float, noise_multiplier: float, rng: np.random.Generator | None = None
 ) -> tuple[dict[str, np.ndarray], list[float]]:
     """Central client-level DP: the unweighted mean of the clipped updates plus
     N(0, (z*C/m)^2). Equal weights: weighting by sample count would let one large site
@@ -94,9 +99,10 @@ def adapt_clip_norm(
     target_quantile: float,
     learning_rate: float,
     count_noise_std: float,
-    rng: np.random.Generator,
+    rng: np.random.Generator | None = None,
 ) -> float:
     """The next round's clip norm from this round's update norms (geometric update)."""
+    rng = rng or privacy_rng()
     within = sum(1.0 for n in norms if n <= clip_norm) + rng.normal(0.0, count_noise_std)
     fraction = float(np.clip(within / max(len(norms), 1), 0.0, 1.0))
     return float(clip_norm * np.exp(-learning_rate * (fraction - target_quantile)))

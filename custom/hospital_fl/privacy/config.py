@@ -19,12 +19,15 @@ from dataclasses import dataclass
 
 from hospital_fl.errors import InputError
 
-__all__ = ["DPConfig", "MECHANISMS", "ACCOUNTANTS", "SITE_MECHANISMS"]
+__all__ = ["DPConfig", "MECHANISMS", "ACCOUNTANTS", "SITE_MECHANISMS", "MAX_METRICS_SHARE"]
 
 MECHANISMS = ("none", "sample", "client-local", "client-central")
 # Mechanisms a site runs itself, so its own ledger can account them.
 SITE_MECHANISMS = ("sample", "client-local")
 ACCOUNTANTS = ("rdp", "prv")
+# The metric releases take at most this share of a job's epsilon (alone), so training keeps
+# most of it: at the default target 8 the metrics get their full 1.0, at target 1 only 0.125.
+MAX_METRICS_SHARE = 0.125
 
 
 @dataclass(frozen=True)
@@ -33,16 +36,21 @@ class DPConfig:
 
     Attributes:
         mechanism: one of MECHANISMS.
-        target_epsilon: the training mechanism's epsilon over the whole job (all rounds,
-            all local epochs); noise is calibrated to it, not per round.
+        target_epsilon: the total epsilon the job spends at a site, every release
+            included: the metric releases are calibrated first (``metrics_budget``), then
+            the training noise is the smallest whose composition with them (the chosen
+            accountant) stays at or below this, over all rounds and local epochs. Under
+            client-central it is the server's model release; the site's own metric
+            releases stay within it too.
         delta: the delta of (epsilon, delta)-DP; a site also requires delta < 1/n.
         max_grad_norm: per-sample gradient clip norm of DP-SGD.
         clip_norm: client-level update clip norm (initial value when adaptive).
         adaptive_clip: client-central only: move the clip norm toward ``target_quantile``
             of the sites' update norms (Andrew et al. 2021), from a noisy count.
         target_quantile / clip_learning_rate: the adaptive clipping settings.
-        metrics_epsilon: separate epsilon for the monitoring metrics a site sends (loss,
-            gradient norm, sample count), accounted apart from training.
+        metrics_epsilon: epsilon of the monitoring metrics a site sends (loss, gradient
+            norm, sample count) taken alone, capped at MAX_METRICS_SHARE of
+            target_epsilon (``metrics_budget``); part of the job's total, not added to it.
         accountant: "rdp" or "prv" (Opacus accountants).
         optimizer / learning_rate / momentum: the optimiser fed the noisy gradients: "adamw"
             (default, lr 0.002 as non-private training) or "sgd" with momentum. Measured on
@@ -91,6 +99,12 @@ class DPConfig:
     @property
     def enabled(self) -> bool:
         return self.mechanism != "none"
+
+    @property
+    def metrics_budget(self) -> float:
+        """Epsilon the metric releases are calibrated to alone: ``metrics_epsilon``, never
+        more than MAX_METRICS_SHARE of the job's total (a cap can only add noise)."""
+        return min(self.metrics_epsilon, self.target_epsilon * MAX_METRICS_SHARE)
 
     @property
     def at_site(self) -> bool:

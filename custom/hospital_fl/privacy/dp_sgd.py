@@ -5,8 +5,13 @@ each round loads the received global weights into the wrapped network and trains
 what leaves the site is the inner network's state dict, with the names every site and the
 server share (no ``_module.`` prefix, nothing rebuilt). Each optimiser step draws a
 Poisson sample (rate q = batch/n), clips every record's gradient to ``max_grad_norm`` and
-adds Gaussian noise calibrated so the whole job (all rounds x local epochs) meets its
-target epsilon.
+adds Gaussian noise calibrated so the whole job (all rounds x local epochs), composed with
+the job's other releases from the same records (the metric releases), meets its target
+epsilon: the target is the total, never a little more.
+
+The Poisson sample and the noise come from generators keyed from the OS's cryptographic
+source at every round (hospital_fl.privacy.randomness), never from the job's seed, which
+only drives augmentation; the noise is Opacus's ``secure_mode`` sum of Gaussians.
 
 FedProx under DP: the proximal term's gradient mu*(w - w_global) does not depend on any
 record, so it is added after clipping and noising (post-processing, no privacy cost).
@@ -29,8 +34,9 @@ from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from opacus.validators import ModuleValidator
 
 from hospital_fl.errors import InputError
-from hospital_fl.privacy.accounting import Release, noise_for_epsilon, poisson_schedule
+from hospital_fl.privacy.accounting import Release, calibrate_noise, poisson_schedule
 from hospital_fl.privacy.config import DPConfig
+from hospital_fl.privacy.randomness import privacy_torch_generator
 from hospital_fl.training.config import TrainConfig
 from hospital_fl.training.loops import (
     TrainResult,
@@ -70,14 +76,26 @@ class DPSGDTrainer:
         train_cfg: batch size (the expected Poisson batch), epochs per round, optimiser.
         dp: target epsilon, delta, clip norm, accountant.
         total_rounds: rounds in the job, so noise covers all of them.
+        alongside: the job's other releases from the same records over all its rounds (the
+            metric releases); the training noise is the smallest whose composition with
+            them stays within ``dp.target_epsilon``.
     """
 
-    def __init__(self, model: torch.nn.Module, n_samples: int, train_cfg: TrainConfig, dp: DPConfig, total_rounds: int):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        n_samples: int,
+        train_cfg: TrainConfig,
+        dp: DPConfig,
+        total_rounds: int,
+        alongside: tuple[Release, ...] = (),
+    ):
         self.dp, self.train_cfg = dp, train_cfg
         self.sample_rate, self.steps_per_round = poisson_schedule(n_samples, train_cfg.batch_size, train_cfg.epochs)
         self.total_steps = self.steps_per_round * total_rounds
-        self.noise_multiplier = noise_for_epsilon(
-            dp.target_epsilon, dp.delta, self.sample_rate, self.total_steps, dp.accountant
+        q, steps = self.sample_rate, self.total_steps
+        self.noise_multiplier = calibrate_noise(
+            dp.target_epsilon, dp.delta, lambda z: [(z, q, steps), *alongside], dp.accountant
         )
         self.n_samples = n_samples
         self.module = GradSampleModule(make_dp_valid(model), loss_reduction="mean")
@@ -103,13 +121,14 @@ class DPSGDTrainer:
         epoch_offset: int = 0,
         total_epochs: int | None = None,
     ) -> TrainResult:
-        """One round of local DP-SGD; exactly ``steps_per_round`` noisy steps."""
+        """One round of local DP-SGD; exactly ``steps_per_round`` noisy steps.
+
+        ``seed`` drives augmentation only: sampling and noise come from the OS."""
         if len(images) != self.n_samples:
             raise ValueError(f"the site's data changed within the job: {len(images)} records, planned {self.n_samples}")
         cfg = self.train_cfg
         start = time.perf_counter()
         device = resolve_device(cfg.device)
-        gen = torch.Generator().manual_seed(seed)
         x = to_tensor(images)
         y = torch.as_tensor(labels, dtype=torch.float32).reshape(len(labels), -1)
         self.module.to(device).train()
@@ -128,9 +147,12 @@ class DPSGDTrainer:
             max_grad_norm=self.dp.max_grad_norm,
             expected_batch_size=max(1, round(self.sample_rate * self.n_samples)),
             loss_reduction="mean",
-            generator=torch.Generator(device=device).manual_seed(seed + 1),
+            generator=privacy_torch_generator(device),
+            secure_mode=True,  # a sum of Gaussians: resists floating-point attacks on one draw
         )
-        sampler = UniformWithReplacementSampler(num_samples=self.n_samples, sample_rate=self.sample_rate, generator=gen)
+        sampler = UniformWithReplacementSampler(
+            num_samples=self.n_samples, sample_rate=self.sample_rate, generator=privacy_torch_generator()
+        )
         aug = augmenter(seed) if cfg.augment else None
         loss_fn = torch.nn.BCEWithLogitsLoss()
         total = (total_epochs or cfg.epochs) * len(sampler)

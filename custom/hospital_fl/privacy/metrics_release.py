@@ -6,7 +6,9 @@ three sums over it, each bounded per record:
 the record count (sensitivity 1), the per-record loss clipped to [0, LOSS_BOUND] and the
 per-record gradient norm clipped to [0, GRAD_NORM_BOUND]. Each gets Gaussian noise of
 std z * bound, i.e. three (z, q) releases per round, accounted apart from training under
-the job's ``metrics_epsilon``. Means (and the count scaled by 1/q) are post-processing.
+the job's ``metrics_budget`` (part of the job's total epsilon). Means (and the count scaled by
+1/q) are post-processing. The sample and the noise come from the OS's cryptographic source
+(hospital_fl.privacy.randomness) unless a test passes its own generator.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import numpy as np
 
 from hospital_fl.privacy.accounting import Release
+from hospital_fl.privacy.randomness import privacy_rng
 
 __all__ = [
     "METRICS_SAMPLE",
@@ -40,8 +43,9 @@ def metric_releases(noise_multiplier: float, sample_rate: float, rounds: int) ->
     return [(noise_multiplier, sample_rate, RELEASES_PER_ROUND * rounds)]
 
 
-def poisson_sample(n_samples: int, sample_rate: float, rng: np.random.Generator) -> np.ndarray:
+def poisson_sample(n_samples: int, sample_rate: float, rng: np.random.Generator | None = None) -> np.ndarray:
     """Indices of a Poisson sample: each record kept independently with ``sample_rate``."""
+    rng = rng or privacy_rng()
     return np.flatnonzero(rng.random(n_samples) < sample_rate)
 
 
@@ -49,11 +53,12 @@ def release_metrics(
     losses: np.ndarray,
     grad_norms: np.ndarray,
     noise_multiplier: float,
-    rng: np.random.Generator,
+    rng: np.random.Generator | None = None,
     sample_rate: float = 1.0,
 ) -> dict[str, float]:
     """Noisy {n_samples, train_loss, grad_norm} from the per-record losses and gradient
     norms of a Poisson sample drawn at ``sample_rate`` (n_samples estimates the whole site)."""
+    rng = rng or privacy_rng()
     n = len(losses)
     noisy_n = n + rng.normal(0.0, noise_multiplier)
     loss_sum = float(np.clip(losses, 0.0, LOSS_BOUND).sum()) + rng.normal(0.0, noise_multiplier * LOSS_BOUND)

@@ -38,6 +38,7 @@ from itertools import pairwise
 import numpy as np
 
 from hospital_fl.errors import InputError
+from hospital_fl.privacy.randomness import privacy_rng
 
 __all__ = [
     "BUDGET_WEIGHTS",
@@ -394,9 +395,13 @@ def _check_releasable(exact: SiteProfile, cfg: ProfileConfig) -> None:
             )
 
 
-def noisy_queries(exact: SiteProfile, cfg: ProfileConfig, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """Each query's answer plus its Laplace noise, before any post-processing (unbiased)."""
+def noisy_queries(
+    exact: SiteProfile, cfg: ProfileConfig, rng: np.random.Generator | None = None
+) -> dict[str, np.ndarray]:
+    """Each query's answer plus its Laplace noise, before any post-processing (unbiased).
+    The noise comes from the OS's cryptographic source unless a test passes ``rng``."""
     _check_releasable(exact, cfg)
+    rng = rng or privacy_rng()
     scales = asdict(noise_scales(cfg, len(exact.label_names)))
     out = {}
     for query in QUERIES:
@@ -405,14 +410,15 @@ def noisy_queries(exact: SiteProfile, cfg: ProfileConfig, rng: np.random.Generat
     return out
 
 
-def release_profile(exact: SiteProfile, cfg: ProfileConfig, rng: np.random.Generator) -> SiteProfile:
+def release_profile(exact: SiteProfile, cfg: ProfileConfig, rng: np.random.Generator | None = None) -> SiteProfile:
     """The profile a site may send to the consortium: epsilon-DP over its images.
 
     Args:
         exact: the site's ``exact_profile`` (never sent).
         cfg: the same config that built ``exact``; ``cfg.epsilon`` is spent in total.
-        rng: the noise source: ``np.random.default_rng()`` (seeded from OS entropy) in
-            production; a known seed makes the noise reproducible, hence removable.
+        rng: left out in production: the noise then comes from the OS's cryptographic
+            source (hospital_fl.privacy.randomness). Tests of the maths only pass one: a
+            known seed makes the noise reproducible, hence removable.
 
     Returns:
         A SiteProfile with ``noised=True``, noisy counts clamped at 0 (which biases counts

@@ -17,12 +17,12 @@ __all__ = ["profile_site"]
 def profile_site(
     site_dir: str | Path,
     cfg: ProfileConfig = ProfileConfig(),
-    rng: np.random.Generator | None = None,
     today: dt.date | None = None,
 ) -> tuple[SiteProfile, SiteProfile]:
     """(exact profile for local display, DP release for the consortium).
 
-    ``rng`` defaults to OS entropy: noise drawn from a known seed would be removable.
+    The release's Laplace noise comes from the OS's cryptographic source, never a seed:
+    noise drawn from a known seed would be removable.
     """
     manifest, keep, _ = consented_records(site_dir, today=today)
     images = load_images(site_dir, manifest)
@@ -35,4 +35,4 @@ def profile_site(
         [(r.source_rows, r.source_columns) for r in keep],
         cfg,
     )
-    return exact, release_profile(exact, cfg, rng or np.random.default_rng())
+    return exact, release_profile(exact, cfg)
