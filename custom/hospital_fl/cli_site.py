@@ -73,7 +73,7 @@ def _cmd_consent_audit(args) -> int:
     manifest = read_manifest(args.site_data)
     registry = read_consent(args.consent or manifest.consent.get("registry", ""))
     window = args.consent_window_days if args.consent_window_days is not None else manifest.consent.get("window_days")
-    rows = jobs_using_withdrawn_patients(args.site_data, registry, ConsentPolicy(window))
+    rows = jobs_using_withdrawn_patients(args.site_data, registry, ConsentPolicy(window), state_dir=args.state)
     print(json.dumps({"jobs_using_patients_without_consent": rows}, indent=2))
     return 0
 
@@ -166,6 +166,12 @@ def add_site_commands(sub: argparse._SubParsersAction) -> None:
     csub = consent.add_subparsers(dest="consent_command", required=True)
     audit = csub.add_parser("audit", help="list the jobs that trained on patients whose consent is now revoked")
     audit.add_argument("site_data", help="the site dataset folder made by ingest")
+    audit.add_argument(
+        "--state",
+        required=True,
+        help="where the site's jobs recorded their data use: its FLARE workspace (/workspace in the Docker "
+        "layout) or $HOSPITAL_FL_SITE_STATE/<site>",
+    )
     audit.add_argument("--consent", default=None, help="today's registry (default: the one used at ingest)")
     audit.add_argument("--consent-window-days", type=int, default=None)
     audit.set_defaults(func=_cmd_consent_audit, command="consent audit")

@@ -40,7 +40,7 @@ def test_ingest_with_two_workers_and_deidentified_copies(tmp_path, federated_dat
     ds = pydicom.dcmread(copies[0])
     assert ds.PatientIdentityRemoved == "YES" and "DOE" not in str(ds.PatientName)
     assert "General Hospital" not in str(ds)
-    images = np.load(tmp_path / "site" / "images.npy")
+    images = np.load(tmp_path / "site" / manifest["images_file"])
     assert images.shape == (12, 28, 28)
 
 
@@ -60,12 +60,12 @@ def test_audit_profile_and_compare(tmp_path, federated_data, capsys):
     assert main(_ingest_args(tmp_path, "--workers", "1")) == 0
     from hospital_fl.data.ingest.site_dataset import load_site_dataset
 
-    load_site_dataset(tmp_path / "site", "site-1", image_size=28, job_id="job-7")
+    load_site_dataset(tmp_path / "site", "site-1", image_size=28, job_id="job-7", state_dir=tmp_path / "workspace")
     with (tmp_path / "consent.csv").open("a") as f:
         f.write("P3,revoked,2026-11-01\n")
     capsys.readouterr()
 
-    assert main(["consent", "audit", str(tmp_path / "site")]) == 0
+    assert main(["consent", "audit", str(tmp_path / "site"), "--state", str(tmp_path / "workspace")]) == 0
     audit = json.loads(capsys.readouterr().out)
     assert [r["job_id"] for r in audit["jobs_using_patients_without_consent"]] == ["job-7"]
 

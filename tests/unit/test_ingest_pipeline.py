@@ -16,7 +16,7 @@ from dicom_factory import upscale, write_cxr
 from hospital_fl.data.ingest.consent import ConsentPolicy, read_consent
 from hospital_fl.data.ingest.consent_audit import jobs_using_withdrawn_patients
 from hospital_fl.data.ingest.labels import read_labels
-from hospital_fl.data.ingest.manifest import read_manifest
+from hospital_fl.data.ingest.manifest import images_path, load_images, read_manifest
 from hospital_fl.data.ingest.pipeline import IngestConfig, ingest
 from hospital_fl.data.ingest.site_dataset import load_site_dataset, patient_portion
 from hospital_fl.errors import InputError
@@ -87,7 +87,7 @@ def test_bad_files_listed_with_reasons_while_good_files_ingest(export):
     manifest = read_manifest(result.manifest_path)
     assert len(manifest.records) == 26 and manifest.image_size == 28
     assert {r.view_position for r in manifest.records} == {"PA"}
-    images = np.load(result.manifest_path.parent / "images.npy")
+    images = np.load(images_path(result.manifest_path, manifest))
     assert images.shape == (26, 28, 28) and images.dtype == np.uint8 and images.std() > 10
 
 
@@ -110,7 +110,8 @@ def test_reingest_unchanged_folder_decodes_nothing_and_changed_file_once(export)
     assert again.report["decoded"] == 0 and again.report["reused_from_cache"] == again.report["files"]
     assert read_manifest(again.manifest_path).records == read_manifest(first.manifest_path).records
     assert np.array_equal(
-        np.load(first.manifest_path.parent / "images.npy"), np.load(again.manifest_path.parent / "images.npy")
+        load_images(first.manifest_path, read_manifest(first.manifest_path)),
+        load_images(again.manifest_path, read_manifest(again.manifest_path)),
     )
     root = export[0]
     write_cxr(root / "ok" / "cxr_00.dcm", np.full((280, 280), 2000, np.uint16), patient_id="MRN0000")
@@ -122,19 +123,22 @@ def test_reingest_unchanged_folder_decodes_nothing_and_changed_file_once(export)
 def test_training_start_rechecks_consent_and_audit_finds_withdrawn_patients(export):
     result = _ingest(export)
     site_dir = result.manifest_path.parent
-    before = load_site_dataset(site_dir, "site-1", image_size=28, job_id="job-a", today=TODAY)
+    state = site_dir.parent / "workspace"
+    before = load_site_dataset(site_dir, "site-1", image_size=28, job_id="job-a", today=TODAY, state_dir=state)
     assert before.excluded == {}
     n_before = len(before.site.train) + len(before.site.val) + len(before.site.test)
     assert n_before == 26
 
     consent = export[2]
     consent.write_text(consent.read_text() + "MRN0003,revoked,2026-11-20\n")
-    after = load_site_dataset(site_dir, "site-1", image_size=28, job_id="job-b", today=TODAY)
+    after = load_site_dataset(site_dir, "site-1", image_size=28, job_id="job-b", today=TODAY, state_dir=state)
 
     assert list(after.excluded.values()) == ["revoked"]
     n_after = len(after.site.train) + len(after.site.val) + len(after.site.test)
     assert n_after == n_before - 2  # MRN0003 has two images
-    rows = jobs_using_withdrawn_patients(site_dir, read_consent(consent, today=TODAY), ConsentPolicy(), TODAY)
+    rows = jobs_using_withdrawn_patients(
+        site_dir, read_consent(consent, today=TODAY), ConsentPolicy(), TODAY, state_dir=state
+    )
     assert [r["job_id"] for r in rows] == ["job-a"]  # job-b started after the revocation left them out
     assert rows[0]["patients_now_unusable"] == 1 and rows[0]["by_status"] == {"revoked": 1}
 
@@ -221,6 +225,7 @@ def test_lost_site_secret_and_empty_runs_never_replace_a_good_dataset(export):
 def test_a_cache_that_disagrees_with_the_manifest_is_not_trusted(export):
     first = _ingest(export)
     site = first.manifest_path.parent
+    first_images = np.array(load_images(site, read_manifest(site)))
     cache = json.loads((site / "ingest_cache.json").read_text())
     rows = [e for e in cache["files"].values() if e["row"] is not None]
     rows[0]["row"], rows[1]["row"] = rows[1]["row"], rows[0]["row"]  # as an interrupted run could leave it
@@ -229,4 +234,24 @@ def test_a_cache_that_disagrees_with_the_manifest_is_not_trusted(export):
     again = _ingest(export)
 
     assert again.report["decoded"] == again.report["files"]  # everything decoded afresh
-    assert np.array_equal(np.load(site / "images.npy"), np.load(site / "images.npy"))
+    assert np.array_equal(load_images(site, read_manifest(site)), first_images)
+
+
+def test_a_dataset_from_before_generations_is_refused_with_the_fix_and_one_ingest_migrates_it(export):
+    first = _ingest(export)
+    site = first.manifest_path.parent
+    manifest = read_manifest(site)
+    # the layout earlier bundles wrote: images.npy beside a /1 manifest, no hash
+    raw = json.loads((site / "manifest.json").read_text())
+    raw["format"], raw["images_file"] = "hospital-fl-manifest/1", "images.npy"
+    del raw["images_sha256"]
+    shutil.move(images_path(site, manifest), site / "images.npy")
+    (site / "manifest.json").write_text(json.dumps(raw))
+
+    with pytest.raises(InputError, match="a /1 dataset cannot be verified.*run the same hospital-fl ingest command"):
+        load_site_dataset(site, "site-1", image_size=28, today=TODAY)
+    again = _ingest(export)
+
+    assert again.report["decoded"] == again.report["files"]  # the unverifiable cache is not trusted
+    assert read_manifest(site).records == manifest.records
+    assert not (site / "images.npy").exists() and len(list(site.glob("images.g*.npy"))) == 1

@@ -25,7 +25,7 @@ from nvflare.app_common.utils.fl_model_utils import FLModelUtils
 
 from hospital_fl.data.federated import SiteData, load_federated
 from hospital_fl.data.ingest.labels import CXR14_FINDINGS
-from hospital_fl.data.ingest.site_dataset import load_site_dataset, site_data_path
+from hospital_fl.data.ingest.site_dataset import load_site_dataset, site_data_path, site_state_dir
 from hospital_fl.data.splits import SplitConfig
 from hospital_fl.errors import InputError
 from hospital_fl.flare.privacy_gate import SitePrivacyGate, open_gate
@@ -119,6 +119,8 @@ class CXRTrainExecutor(Executor):
                     job_id=fl_ctx.get_job_id() or "unknown-job",
                 )
                 self.log_info(
+                    # usage records go to the site's writable workspace; the data mount is only read
+                    state_dir=site_state_dir(workspace, name),
                     fl_ctx,
                     f"site data: {len(loaded.site.train)}/{len(loaded.site.val)}/{len(loaded.site.test)} "
                     f"train/val/test images from the manifest; {len(loaded.excluded)} patients left out "
@@ -137,8 +139,9 @@ class CXRTrainExecutor(Executor):
         """Load the site's data (re-checking consent) and open the privacy gate, before any task."""
         try:
             self._site_data(fl_ctx)
-        except (InputError, ValueError) as err:
-            self._refusal = f"site data refused this job at {fl_ctx.get_identity_name()}: {err}"
+        except Exception as err:  # any failure preparing the data (a read-only or full disk too) refuses with its reason
+            reason = str(err) if isinstance(err, (InputError, ValueError)) else f"{type(err).__name__}: {err}"
+            self._refusal = f"site data refused this job at {fl_ctx.get_identity_name()}: {reason}"
             self.log_error(fl_ctx, self._refusal)
             return
         self._open_privacy_gate(fl_ctx)

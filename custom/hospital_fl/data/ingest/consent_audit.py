@@ -17,9 +17,16 @@ __all__ = ["jobs_using_withdrawn_patients"]
 
 
 def jobs_using_withdrawn_patients(
-    site_dir: str | Path, registry: ConsentRegistry, policy: ConsentPolicy, today: dt.date | None = None
+    site_dir: str | Path,
+    registry: ConsentRegistry,
+    policy: ConsentPolicy,
+    today: dt.date | None = None,
+    state_dir: str | Path | None = None,
 ) -> list[dict]:
     """One row per job that trained on at least one patient not usable today.
+
+    Usage records are read from ``state_dir`` (the site's writable state folder, where jobs
+    record them) and, for records left by earlier bundles, from ``site_dir/usage``.
 
     Returns:
         [{"job_id", "started", "manifest_sha256", "patients_used", "patients_now_unusable",
@@ -28,7 +35,7 @@ def jobs_using_withdrawn_patients(
     today = today or dt.date.today()
     salt = site_secret(site_dir)
     rows = []
-    for usage in read_usage(site_dir):
+    for usage in read_usage(state_dir, site_dir):
         unusable = registry.unusable(usage["patients"], lambda p: patient_pseudonym(p, salt), policy, today)
         if not unusable:
             continue

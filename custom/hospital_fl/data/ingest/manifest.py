@@ -1,39 +1,52 @@
-"""A site's training-ready dataset: manifest.json + images.npy in one folder (SITE_DATA).
+"""A site's training-ready dataset: manifest.json + its images file in one folder (SITE_DATA).
 
 manifest.json holds one record per usable image (salted image id, patient pseudonym, view,
-labels, source file sha256, row in images.npy) and the preprocessing version; images.npy is
-an (N, size, size) uint8 array that training memory-maps. Neither holds a raw identifier,
-a date or a DICOM file path (the only DICOM value kept is the view position; the manifest
-also notes which consent registry the site uses): the salt that makes the pseudonyms lives
-in SITE_DATA/site_secret (mode 600) and never leaves the site.
+labels, source file sha256, row in the images file) and the preprocessing version; the images
+file is an (N, size, size) uint8 array that training memory-maps. Neither holds a raw
+identifier, a date or a DICOM file path (the only DICOM value kept is the view position; the
+manifest also notes which consent registry the site uses): the salt that makes the pseudonyms
+lives in SITE_DATA/site_secret (mode 600) and never leaves the site.
 
-Each training job that reads the manifest leaves a usage record in SITE_DATA/usage/ (job
-id, manifest sha256, the patient pseudonyms it trained on) so the site can later list the
-models that used a patient whose consent is now revoked.
+Crash safety: each ingest writes a new generation. The pixels go to a new file
+(``images.g<N>.npy``), fsynced; then the manifest naming that file and its SHA-256 is written
+aside and fsynced; then ONE rename puts the manifest in place (the commit) and the folder is
+fsynced. A crash or a full disk before the rename leaves the previous manifest, which still
+names the previous images file, untouched; after it, the new pair. Older images files are
+removed only after the switch. Loading recomputes the images file's SHA-256 and refuses a
+mismatch, so pixels can never be paired with another generation's labels.
+
+Each training job that reads the manifest leaves a usage record (job id, manifest sha256, the
+patient pseudonyms it trained on) in the site's writable state folder, not in SITE_DATA (which
+may be mounted read-only), so the site can later list the models that used a patient whose
+consent is now revoked.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import errno
 import hashlib
 import json
 import os
+import re
 import secrets
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
+from hospital_fl.data.hashing import file_sha256
 from hospital_fl.errors import InputError
 
 __all__ = [
     "MANIFEST_FILE",
     "atomic_write_bytes",
     "MANIFEST_FORMAT",
-    "IMAGES_FILE",
     "Manifest",
     "ManifestRecord",
+    "images_path",
     "load_images",
+    "manifest_sha256",
     "read_manifest",
     "record_usage",
     "read_usage",
@@ -41,11 +54,18 @@ __all__ = [
     "write_dataset",
 ]
 
-MANIFEST_FORMAT = "hospital-fl-manifest/1"
+MANIFEST_FORMAT = "hospital-fl-manifest/2"
+LEGACY_FORMAT = "hospital-fl-manifest/1"  # images.npy beside it, no hash: not crash-safe
 MANIFEST_FILE = "manifest.json"
-IMAGES_FILE = "images.npy"
+LEGACY_IMAGES_FILE = "images.npy"
 SECRET_FILE = "site_secret"
 USAGE_DIR = "usage"
+_IMAGES_NAME = re.compile(r"images\.g(\d{6,})\.npy")
+
+
+def _commit_step(step: str) -> None:
+    """Called at each step of a dataset commit; a no-op (crash tests replace it to kill the
+    process or fill the disk at that exact point)."""
 
 
 @dataclass(frozen=True)
@@ -55,7 +75,7 @@ class ManifestRecord:
     view_position: str  # "PA" | "AP" | "LL" ... or "" when neither DICOM nor labels say
     labels: tuple[int, ...]  # multi-hot over Manifest.label_names
     source_sha256: str  # of the DICOM file's bytes: re-ingest skips unchanged files
-    row: int  # index into images.npy
+    row: int  # index into the images file
     source_rows: int
     source_columns: int
 
@@ -68,6 +88,8 @@ class Manifest:
     records: tuple[ManifestRecord, ...]
     consent: dict  # registry path, window_days, date checked
     created: str
+    images_file: str = ""  # set by write_dataset: this generation's images file
+    images_sha256: str = ""  # of that file's bytes, checked on every load
 
     def to_dict(self) -> dict:
         return {
@@ -77,7 +99,8 @@ class Manifest:
             "label_names": list(self.label_names),
             "consent": self.consent,
             "created": self.created,
-            "images_file": IMAGES_FILE,
+            "images_file": self.images_file,
+            "images_sha256": self.images_sha256,
             "records": [asdict(r) | {"labels": list(r.labels)} for r in self.records],
         }
 
@@ -94,11 +117,28 @@ class Manifest:
         return np.array([r.labels for r in self.records], dtype=np.int64).reshape(len(self.records), -1)
 
 
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write via a temporary sibling and a rename: readers see the old file or the new, never half."""
+    """Write via a temporary sibling, fsync, rename, fsync the folder: after a crash or a full
+    disk readers see the old file or the new, never half, and a finished write survives power loss."""
+    path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    try:
+        with tmp.open("wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    _fsync_dir(path.parent)
 
 
 def site_secret(site_dir: str | Path, create: bool = False) -> bytes:
@@ -121,24 +161,111 @@ def site_secret(site_dir: str | Path, create: bool = False) -> bytes:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as f:
         f.write(secrets.token_bytes(32))
+        f.flush()
+        os.fsync(f.fileno())
+    _fsync_dir(path.parent)
     return path.read_bytes()
 
 
+class _HashingFile:
+    """A write-only file wrapper that hashes what passes through (np.save writes in chunks)."""
+
+    def __init__(self, f):
+        self._f, self.digest = f, hashlib.sha256()
+
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        self.digest.update(view)
+        return self._f.write(view)
+
+
+def _generation(name: str) -> int:
+    m = _IMAGES_NAME.fullmatch(name)
+    return int(m.group(1)) if m else -1
+
+
 def write_dataset(site_dir: str | Path, manifest: Manifest, images: np.ndarray) -> Path:
-    """Write images.npy then manifest.json, each atomically: a crash never leaves a manifest
-    pointing at rows that do not exist."""
+    """Commit a new generation: images file, then manifest, each fsynced; one rename switches.
+
+    Before the rename the previous dataset is whole and loads; after it, the new one. Images
+    files of earlier (or abandoned) generations are removed once the switch is durable.
+
+    Returns:
+        The manifest's path.
+
+    Raises:
+        InputError: the disk is full or another write failed (the previous dataset is kept).
+    """
     site_dir = Path(site_dir)
     site_dir.mkdir(parents=True, exist_ok=True)
     expected = (len(manifest.records), manifest.image_size, manifest.image_size)
     if images.shape != expected or images.dtype != np.uint8:
         raise ValueError(f"images must be uint8 {expected}, got {images.dtype} {images.shape}")
-    tmp = site_dir / f".{IMAGES_FILE}.tmp"
-    with tmp.open("wb") as f:
-        np.save(f, images)
-    os.replace(tmp, site_dir / IMAGES_FILE)
+    generation = 1 + max((_generation(p.name) for p in site_dir.iterdir()), default=0)
+    name = f"images.g{generation:06d}.npy"
+    images_file = site_dir / name
     path = site_dir / MANIFEST_FILE
-    atomic_write_bytes(path, json.dumps(manifest.to_dict(), indent=1).encode())
+    created = switched = False
+    try:
+        _commit_step("before_images")
+        # O_EXCL: a generation's file is written once, by this run only
+        with open(images_file, "xb") as f:
+            created = True
+            hashing = _HashingFile(f)
+            np.save(hashing, np.ascontiguousarray(images))
+            f.flush()
+            os.fsync(f.fileno())
+        _commit_step("between_writes")
+        committed = replace(manifest, images_file=name, images_sha256=hashing.digest.hexdigest())
+        tmp = site_dir / f".{MANIFEST_FILE}.tmp"
+        with tmp.open("wb") as f:
+            f.write(json.dumps(committed.to_dict(), indent=1).encode())
+            f.flush()
+            os.fsync(f.fileno())
+        _commit_step("before_switch")
+        os.replace(tmp, path)  # the commit
+        switched = True
+        _commit_step("after_switch")
+        _fsync_dir(site_dir)
+    except OSError as err:
+        full = " (the disk is full)" if err.errno in (errno.ENOSPC, errno.EDQUOT) else ""
+        fix = "free disk space or fix the folder's permissions, then run hospital-fl ingest again"
+        if switched:
+            # The rename happened: the new pair is in place and whole, but until the folder is
+            # synced a power loss could bring back the previous manifest, so its images stay.
+            raise InputError(
+                "site dataset",
+                str(site_dir),
+                f"the new dataset is in place but the folder could not be synced{full} "
+                f"({type(err).__name__}: {err.strerror or err}); the previous images file is kept",
+                fix,
+            ) from None
+        (site_dir / f".{MANIFEST_FILE}.tmp").unlink(missing_ok=True)
+        if created:
+            images_file.unlink(missing_ok=True)
+        raise InputError(
+            "site dataset",
+            str(site_dir),
+            f"writing the new dataset failed{full} ({type(err).__name__}: {err.strerror or err}); "
+            "the previous dataset is kept",
+            fix,
+        ) from None
+    _remove_old_generations(site_dir, keep=name)
     return path
+
+
+
+def _remove_old_generations(site_dir: Path, keep: str) -> None:
+    """After a durable switch: earlier images files, abandoned ones, and a pre-generation images.npy.
+    A failure here only costs disk space; the next ingest tries again."""
+    try:
+        _commit_step("collect_garbage")
+        for p in site_dir.iterdir():
+            old = _IMAGES_NAME.fullmatch(p.name) or p.name in (LEGACY_IMAGES_FILE, f".{LEGACY_IMAGES_FILE}.tmp")
+            if old and p.name != keep:
+                p.unlink(missing_ok=True)
+    except OSError:
+        pass
 
 
 def _manifest_path(site_dir_or_file: str | Path) -> Path:
@@ -146,11 +273,16 @@ def _manifest_path(site_dir_or_file: str | Path) -> Path:
     return p / MANIFEST_FILE if p.is_dir() else p
 
 
+def _reingest(path: Path, why: str) -> InputError:
+    return InputError("manifest", str(path), why, "run hospital-fl ingest again into this folder")
+
+
 def read_manifest(site_dir_or_file: str | Path) -> Manifest:
     """Read and validate a manifest.
 
     Raises:
-        InputError: missing, not a manifest, another format or inconsistent with images.npy.
+        InputError: missing, not a manifest, another format (a manifest from before crash-safe
+            generations included: the fix is one re-ingest) or inconsistent.
     """
     path = _manifest_path(site_dir_or_file)
     if not path.is_file():
@@ -160,9 +292,16 @@ def read_manifest(site_dir_or_file: str | Path) -> Manifest:
     try:
         raw = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise _reingest(path, f"manifest.json must be JSON ({err})") from None
+    if isinstance(raw, dict) and raw.get("format") == LEGACY_FORMAT:
         raise InputError(
-            "manifest", str(path), f"manifest.json must be JSON ({err})", "run hospital-fl ingest again"
-        ) from None
+            "manifest format",
+            LEGACY_FORMAT,
+            f"this bundle reads {MANIFEST_FORMAT}, which records the images file's SHA-256 so pixels can "
+            "never be paired with another ingest's labels; a /1 dataset cannot be verified",
+            "run the same hospital-fl ingest command again into this folder (it writes the verified layout; "
+            "every file is decoded once)",
+        )
     if not isinstance(raw, dict) or raw.get("format") != MANIFEST_FORMAT:
         raise InputError(
             "manifest format",
@@ -179,42 +318,62 @@ def read_manifest(site_dir_or_file: str | Path) -> Manifest:
             records,
             raw.get("consent") or {},
             raw.get("created", ""),
+            str(raw["images_file"]),
+            str(raw["images_sha256"]),
         )
     except (KeyError, TypeError) as err:
-        raise InputError(
-            "manifest", str(path), f"a field is missing or malformed ({err})", "run hospital-fl ingest again"
-        ) from None
+        raise _reingest(path, f"a field is missing or malformed ({err})") from None
+    if not _IMAGES_NAME.fullmatch(manifest.images_file) or not re.fullmatch(r"[0-9a-f]{64}", manifest.images_sha256):
+        raise _reingest(path, "images_file must name an images.g<N>.npy file and images_sha256 its SHA-256")
     rows = sorted(r.row for r in records)
     if rows != list(range(len(records))):
-        raise InputError(
-            "manifest", str(path), "record rows must be 0..N-1 exactly once", "run hospital-fl ingest again"
-        )
+        raise _reingest(path, "record rows must be 0..N-1 exactly once")
     return manifest
 
 
+def images_path(site_dir_or_file: str | Path, manifest: Manifest) -> Path:
+    """The images file this manifest committed (beside it)."""
+    return _manifest_path(site_dir_or_file).parent / manifest.images_file
+
+
 def load_images(site_dir_or_file: str | Path, manifest: Manifest) -> np.ndarray:
-    """images.npy memory-mapped (training reads only the rows it needs)."""
-    path = _manifest_path(site_dir_or_file).parent / IMAGES_FILE
+    """The manifest's images, memory-mapped (training reads only the rows it needs), after
+    checking the file's SHA-256 against the one the manifest recorded.
+
+    Raises:
+        InputError: the file is missing, unreadable, of another shape, or not the one this
+            manifest committed (its hash differs).
+    """
+    path = images_path(site_dir_or_file, manifest)
     if not path.is_file():
         raise InputError(
-            "images", str(path), "images.npy must sit beside manifest.json", "run hospital-fl ingest again"
+            "images", str(path), "the images file the manifest names must sit beside it", "run hospital-fl ingest again"
         )
     try:
+        digest = file_sha256(path)
         images = np.load(path, mmap_mode="r")
     except (ValueError, EOFError, OSError) as err:
         raise InputError(
             "images",
             str(path),
-            f"images.npy must be a readable numpy array ({type(err).__name__}: {err})",
-            "run ingest again",
+            f"it must be a readable numpy array ({type(err).__name__}: {err})",
+            "run hospital-fl ingest again",
         ) from None
-    expected = (len(manifest.records), manifest.image_size, manifest.image_size)
-    if images.shape != expected:
+    if digest != manifest.images_sha256:
         raise InputError(
             "images",
-            f"{path} shape {images.shape}",
-            f"it must be {expected} to match manifest.json",
-            "run ingest again",
+            f"{path} sha256 {digest[:16]}...",
+            f"it must be the file manifest.json committed (sha256 {manifest.images_sha256[:16]}...); the pixels "
+            "and labels are from different ingests or the file was changed",
+            "run hospital-fl ingest again (nothing trains on a mismatched pair)",
+        )
+    expected = (len(manifest.records), manifest.image_size, manifest.image_size)
+    if images.shape != expected or images.dtype != np.uint8:
+        raise InputError(
+            "images",
+            f"{path} {images.dtype} {images.shape}",
+            f"it must be uint8 {expected} to match manifest.json",
+            "run hospital-fl ingest again",
         )
     return images
 
@@ -223,9 +382,12 @@ def manifest_sha256(site_dir_or_file: str | Path) -> str:
     return hashlib.sha256(_manifest_path(site_dir_or_file).read_bytes()).hexdigest()
 
 
-def record_usage(site_dir: str | Path, job_id: str, patients: list[str], excluded: dict[str, str]) -> Path:
-    """Note that ``job_id`` trained on these patient pseudonyms (site-local, append-only per job)."""
-    usage_dir = Path(site_dir) / USAGE_DIR
+def record_usage(
+    state_dir: str | Path, job_id: str, patients: list[str], excluded: dict[str, str], manifest_digest: str
+) -> Path:
+    """Note that ``job_id`` trained on these patient pseudonyms, in the site's writable state
+    folder (``state_dir/usage/``; never the data folder, which may be read-only)."""
+    usage_dir = Path(state_dir) / USAGE_DIR
     usage_dir.mkdir(parents=True, exist_ok=True)
     started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     safe_job = "".join(c if c.isalnum() or c in "-_." else "_" for c in job_id)
@@ -233,7 +395,7 @@ def record_usage(site_dir: str | Path, job_id: str, patients: list[str], exclude
     record = {
         "job_id": job_id,
         "started": started,
-        "manifest_sha256": manifest_sha256(site_dir),
+        "manifest_sha256": manifest_digest,
         "patients": sorted(set(patients)),
         "excluded_at_start": dict(sorted(excluded.items())),
     }
@@ -241,8 +403,13 @@ def record_usage(site_dir: str | Path, job_id: str, patients: list[str], exclude
     return path
 
 
-def read_usage(site_dir: str | Path) -> list[dict]:
-    usage_dir = Path(site_dir) / USAGE_DIR
-    if not usage_dir.is_dir():
-        return []
-    return [json.loads(p.read_text()) for p in sorted(usage_dir.glob("*.json"))]
+def read_usage(*folders: str | Path | None) -> list[dict]:
+    """Usage records under ``<folder>/usage/`` of each folder given (a site's state folder; a site
+    dataset folder holds them only from bundles that wrote them there), oldest first."""
+    records, seen = [], set()
+    for folder in folders:
+        if folder is None or not (Path(folder) / USAGE_DIR).is_dir() or Path(folder).resolve() in seen:
+            continue
+        seen.add(Path(folder).resolve())
+        records += [json.loads(p.read_text()) for p in sorted((Path(folder) / USAGE_DIR).glob("*.json"))]
+    return sorted(records, key=lambda r: (r.get("started", ""), r.get("job_id", "")))

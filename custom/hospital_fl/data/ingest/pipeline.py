@@ -3,7 +3,8 @@
 Per file (in worker processes, one per core): sha256 of the bytes, read, screen the header,
 scan for PHI, decode and preprocess to the model's input size. Then, in one pure pass over
 the outcomes in path order: match labels, drop duplicate SOP instances, check consent, and
-write images.npy + manifest.json. Every file that does not make it into the manifest is in
+commit a new generation of the images file + manifest.json (see manifest.py: a crash or a full
+disk at any point leaves the previous dataset whole). Every file that does not make it into the manifest is in
 ingest_report.json with its reason; nothing is dropped silently.
 
 Incremental: outcomes are cached by the file's sha256 (under the preprocessing version,
@@ -190,7 +191,9 @@ def _load_cache(site_dir: Path, cfg: IngestConfig, salt: bytes) -> tuple[dict[st
         if cache.get("key") != cfg.cache_key() or cache.get("secret") != _secret_fingerprint(salt):
             return {}, None
         manifest = read_manifest(site_dir)
-        images = load_images(site_dir, manifest)
+        if cache.get("images_sha256") != manifest.images_sha256:
+            return {}, None  # made for another generation (a run stopped between commit and cache)
+        images = load_images(site_dir, manifest)  # checks the pixels are the ones the manifest committed
         by_row = {r.row: r.source_sha256 for r in manifest.records}
         if any(e["row"] is not None and by_row.get(e["row"]) != sha for sha, e in cache["files"].items()):
             return {}, None
@@ -421,7 +424,7 @@ def _ingest_locked(dicom_dir, files, unlisted, labels, site_dir, consent, cfg, t
                 "files_with_identifying_tags": sum(1 for e in new_cache.values() if e["outcome"]["identifying_tags"]),
                 "identifying_tags_seen": dict(sorted(phi_tags.items())),
                 "burned_in_annotation_files": burned_in,
-                "note": "tag names only; no values are stored. manifest.json and images.npy carry no DICOM "
+                "note": "tag names only; no values are stored. manifest.json and the images file carry no DICOM "
                 "attribute values other than view position, and no file paths.",
             },
             "label_prevalence": {
@@ -430,7 +433,7 @@ def _ingest_locked(dicom_dir, files, unlisted, labels, site_dir, consent, cfg, t
             },
             "seconds": round(time.perf_counter() - started, 3),
         }
-        report_path.write_text(json.dumps(report, indent=1))
+        atomic_write_bytes(report_path, json.dumps(report, indent=1).encode())
         return report
 
     if not accepted:
@@ -464,15 +467,26 @@ def _ingest_locked(dicom_dir, files, unlisted, labels, site_dir, consent, cfg, t
         dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     )
     manifest_path = write_dataset(site_dir, manifest, images)
-    # Cache rows point into the images.npy just written (checked against the manifest on load).
+    # Cache rows point into the images file just committed (checked against the manifest on load).
     row_of = {r.source_sha256: r.row for r in records}
     cache = {
         "key": cfg.cache_key(),
         "secret": _secret_fingerprint(salt),
+        "images_sha256": read_manifest(manifest_path).images_sha256,
         "files": {sha: {"outcome": e["outcome"], "row": row_of.get(sha)} for sha, e in new_cache.items()},
     }
-    atomic_write_bytes(site_dir / CACHE_FILE, json.dumps(cache).encode())
-    report = write_report()
+    try:
+        atomic_write_bytes(site_dir / CACHE_FILE, json.dumps(cache).encode())
+        report = write_report()
+    except OSError as err:
+        # The dataset is committed; a cache left from the previous generation is ignored next time.
+        raise InputError(
+            "site dataset",
+            str(site_dir),
+            f"the new dataset is committed, but the ingest cache or report could not be written "
+            f"({type(err).__name__}: {err.strerror or err})",
+            "free disk space; the next ingest decodes every file once and writes them",
+        ) from None
     return IngestResult(manifest_path, report_path, report)
 
 

@@ -3,7 +3,8 @@
 The manifest's records are divided into train / validation / local test by patient (a
 deterministic function of the patient pseudonym), so no patient's images are on both sides
 of an evaluation. Patients whose consent is no longer "granted" today are left out before
-anything trains, and the job's use of the remaining patients is recorded at the site.
+anything trains, and the job's use of the remaining patients is recorded at the site, in its
+writable state folder: SITE_DATA itself is only read (it may be a read-only mount).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from hospital_fl.data.ingest.manifest import (
     Manifest,
     ManifestRecord,
     load_images,
+    manifest_sha256,
     read_manifest,
     record_usage,
     site_secret,
@@ -32,7 +34,21 @@ from hospital_fl.data.ingest.pixels import PREPROCESSING_VERSION
 from hospital_fl.data.pneumoniamnist import CXRArrays
 from hospital_fl.errors import InputError
 
-__all__ = ["SiteDataset", "consented_records", "load_site_dataset", "site_data_path", "patient_portion", "TASK_LABELS"]
+__all__ = [
+    "SITE_STATE_ENV",
+    "SiteDataset",
+    "consented_records",
+    "load_site_dataset",
+    "site_data_path",
+    "site_state_dir",
+    "patient_portion",
+    "TASK_LABELS",
+]
+
+# Where a site keeps what its jobs write about its data (usage records) when not in its FLARE
+# workspace: $HOSPITAL_FL_SITE_STATE/<site>/ (e.g. a volume that outlives containers, or
+# simulated sites, whose workspaces FLARE recreates for every run).
+SITE_STATE_ENV = "HOSPITAL_FL_SITE_STATE"
 
 # Which manifest labels each model task trains on.
 TASK_LABELS = {"pneumonia": ("Pneumonia",)}
@@ -55,6 +71,15 @@ def site_data_path(template: str, site_name: str) -> Path:
             "with a plain path",
         )
     return Path(expanded)
+
+
+def site_state_dir(workspace_root: str | Path | None, site_name: str) -> Path | None:
+    """The writable folder a site's jobs record data usage in: ``$HOSPITAL_FL_SITE_STATE/<site>``
+    when set, else the site's FLARE workspace root; None when neither is known."""
+    base = os.environ.get(SITE_STATE_ENV)
+    if base:
+        return Path(base) / site_name
+    return Path(workspace_root) if workspace_root else None
 
 
 def _unit(patient: str) -> float:
@@ -169,20 +194,31 @@ def load_site_dataset(
     job_id: str | None = None,
     consent_file: str | Path | None = None,
     today: dt.date | None = None,
+    state_dir: str | Path | None = None,
 ) -> SiteDataset:
     """Load SITE_DATA for training.
 
     Args:
         image_size: the model's input size; the manifest must have been made for it.
         label_names: the labels of a multi-label task (ignored for "pneumonia").
-        job_id: when given, the job's use of these patients is recorded at the site.
+        job_id: when given, the job's use of these patients is recorded under ``state_dir``.
         consent_file: the registry to re-check; the one recorded at ingest when None.
+        state_dir: the site's writable state folder (see :func:`site_state_dir`); nothing is
+            ever written into ``site_dir``.
 
     Raises:
-        InputError: no manifest, a size or label mismatch, a missing consent registry, or
-            no consented images left.
+        InputError: no manifest, images that are not the ones the manifest committed, a size
+            or label mismatch, a missing consent registry, no consented images left, or a
+            job id without a state folder.
     """
     site_dir = Path(site_dir)
+    if job_id and state_dir is None:
+        raise InputError(
+            "site state folder",
+            None,
+            "a training job records which patients it used, in a writable folder apart from the site data",
+            f"run the job in a FLARE site workspace or set {SITE_STATE_ENV} in the site's environment",
+        )
     manifest, keep, excluded = consented_records(site_dir, consent_file, today)
     if image_size is not None and manifest.image_size != image_size:
         raise InputError(
@@ -200,5 +236,7 @@ def load_site_dataset(
         return CXRArrays(np.ascontiguousarray(images[idx]), labels[idx])
 
     site = SiteData(site_name, arrays(portions["train"]), arrays(portions["val"]), arrays(portions["test"]))
-    usage = record_usage(site_dir, job_id, [r.patient for r in keep], excluded) if job_id else None
+    usage = None
+    if job_id:
+        usage = record_usage(state_dir, job_id, [r.patient for r in keep], excluded, manifest_sha256(site_dir))
     return SiteDataset(site, manifest, excluded, usage)
