@@ -74,3 +74,73 @@ def upscale(image: np.ndarray, size: int) -> np.ndarray:
 
 def read_back(path: str | Path) -> pydicom.Dataset:
     return pydicom.dcmread(path)
+
+
+def plant_phi(ds: pydicom.Dataset) -> list[str]:
+    """Put identifying text where PACS exports carry it: 24 attributes (names, ids, free-text
+    comments and descriptions, dates, device and institution), nested sequences (a structured
+    report's content tree, a scheduled step, a reference item and a LUT item of sequences a copy
+    keeps) and private tags, at the top and inside items. Returns the planted strings, each unique,
+    to search a copy's bytes for."""
+    from pydicom.dataset import Dataset
+
+    planted = {
+        "PatientName": "DOE^JOHNATHAN",
+        "PatientID": "MRN123-JD",
+        "PatientBirthDate": "19450317",
+        "PatientComments": "pt John Doe lives at 12 Elm Rd",
+        "AdditionalPatientHistory": "smoker per wife Mary Doe",
+        "Occupation": "FIREFIGHTER-STN9",
+        "ReviewerName": "REVIEWER^ALICIA",
+        "PhysicianApprovingInterpretation": "APPROVER^BORIS",
+        "PerformingPhysicianName": "PERFORMER^CARLA",
+        "OperatorsName": "OPERATOR^DMITRI",
+        "CommentsOnThePerformedProcedureStep": "pt John Doe, MRN123",
+        "StudyDescription": "CHEST for JDOE-STUDY",
+        "SeriesDescription": "PA JDOE-SERIES",
+        "ImageComments": "recheck JDOE-IMGCOMMENT",
+        "DerivationDescription": "derived JDOE-DERIV",
+        "InstitutionName": "St Elsewhere Infirmary",
+        "StationName": "ELSEWHERE-CR7",
+        "DeviceSerialNumber": "SN-778899",
+        "AccessionNumber": "ACC-556677",
+        "AcquisitionDate": "20250302",
+        "ContentDate": "20250303",
+        "InstanceCreationDate": "20250304",
+        "ReviewDate": "20250305",
+        "InterpretationApprovalDate": "20250306",
+    }
+    for keyword, value in planted.items():
+        setattr(ds, keyword, value)
+    ds.file_meta.SourceApplicationEntityTitle = "ELSEWHERE_AE"
+    # a structured-report content tree, two levels deep
+    leaf = Dataset()
+    leaf.PersonName = "NESTED^PERSON"
+    leaf.TextValue = "leaf note JDOE-LEAF"
+    node = Dataset()
+    node.TextValue = "pt John Doe, MRN123 TEXTVALUE"
+    node.ContentSequence = [leaf]
+    ds.ContentSequence = [node]
+    step = Dataset()
+    step.ScheduledProcedureStepDescription = "sched JDOE-SCHED"
+    step.ScheduledProcedureStepStartDate = "20250307"
+    ds.ScheduledProcedureStepSequence = [step]
+    # inside sequences a copy keeps: only their allowed elements may survive
+    ref = Dataset()
+    ref.ReferencedSOPClassUID = CR_STORAGE
+    ref.ReferencedSOPInstanceUID = generate_uid()
+    purpose = Dataset()
+    purpose.CodeMeaning = "prior of JDOE-PURPOSE"
+    ref.PurposeOfReferenceCodeSequence = [purpose]
+    ref.add_new(0x00091010, "LO", "REFPRIV")  # a private tag without a creator, inside an item
+    ds.ReferencedImageSequence = [ref]
+    lut = Dataset()
+    lut.add_new(0x00283002, "US", [2, 0, 12])  # LUTDescriptor: 2 entries from 0, 12 bits
+    lut.add_new(0x00283006, "US", [0, 4095])  # LUTData
+    lut.LUTExplanation = "LUT by JDOE-LUT"
+    ds.VOILUTSequence = [lut]
+    block = ds.private_block(0x0011, "ELSEWHERE PRIVATE", create=True)
+    block.add_new(0x01, "LO", "PRIVATE JDOE-PRIV")
+    block.add_new(0x02, "SH", "BED-4B")
+    return [*planted.values(), "ELSEWHERE_AE", "ELSEWHERE PRIVATE", "NESTED^PERSON", "JDOE-LEAF",
+            "TEXTVALUE", "JDOE-SCHED", "20250307", "JDOE-PURPOSE", "REFPRIV", "JDOE-LUT", "JDOE-PRIV", "BED-4B"]  # fmt: skip

@@ -46,6 +46,7 @@ def _cmd_ingest(args) -> int:
         workers=args.workers,
         deidentify_to=args.deidentify_to,
     )
+        copy_burned_in=args.copy_burned_in,
     labels = read_labels(args.labels)
     consent = read_consent(args.consent)
     result = ingest(args.dicom_dir, labels, args.out, consent, cfg, progress_factory=_progress_factory("decoding"))
@@ -159,7 +160,13 @@ def add_site_commands(sub: argparse._SubParsersAction) -> None:
     ingest.add_argument("--burned-in", default="flag", help="flag (default: list) or reject burned-in annotations")
     ingest.add_argument("--consent-window-days", type=int, default=None, help="consent older than this expires")
     ingest.add_argument("--workers", type=int, default=0, help="decoding processes (default 0: one per core)")
-    ingest.add_argument("--deidentify-to", default=None, help="also write de-identified copies (basic profile) here")
+    ingest.add_argument("--deidentify-to", default=None, help="also write de-identified copies (allow list) here")
+    ingest.add_argument(
+        "--copy-burned-in",
+        action="store_true",
+        help="also copy images whose pixels may show text (BurnedInAnnotation YES, secondary captures); "
+        "only after reviewing them",
+    )
     ingest.set_defaults(func=_cmd_ingest)
 
     consent = sub.add_parser("consent", help="consent checks on an ingested site dataset")

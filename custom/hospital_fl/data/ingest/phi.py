@@ -1,11 +1,18 @@
-"""Finding and removing identifying information in DICOM headers (PS3.15 Annex E, basic profile).
+"""Finding and removing identifying information in DICOM headers (PS3.15 Annex E).
 
 :func:`phi_findings` reports which identifying attributes a file carries, by keyword only, so the
-result may leave the site. :func:`deidentify` applies the Basic Application Confidentiality
-Profile to a copy: identifying attributes removed or blanked, private attributes, curves and
-overlays removed, instance UIDs replaced by salted deterministic ones, the patient id replaced by
-a salted pseudonym. Burned-in text in the pixels is not touched: callers must flag or refuse
-files whose BurnedInAnnotation is YES.
+result may leave the site. :func:`deidentify` builds a copy by an ALLOW list: only the attributes in
+:data:`KEPT_ATTRIBUTES` (pixel module, image geometry, modality, view, photometric interpretation,
+bits, rescale and window, SOP class) survive; PatientName and PatientID become a dummy and a salted
+pseudonym, the instance UIDs salted deterministic ones, a few type-2 attributes stay present but
+empty; every other attribute, every sequence not in :data:`KEPT_SEQUENCES` (whose items are
+filtered by their own allow list) and every private tag is dropped. An attribute this module has
+never heard of is therefore removed, not kept: free text in a vendor's comment, a reviewer's name
+or a scheduled step's description cannot slip through a list of known identifiers.
+
+Burned-in text in the pixels is not touched: :func:`burned_in_risk` names the files whose pixels
+may show identifying text (BurnedInAnnotation YES, secondary captures), and
+:func:`deidentify_file` refuses them unless the caller allows it explicitly.
 
 The salt is the site's secret. Without it nobody can recompute a pseudonym from a patient id, and
 with a different salt the same patient gets an unrelated pseudonym, so sites cannot be linked.
@@ -20,7 +27,8 @@ import os
 from os import PathLike
 from pathlib import Path
 
-from pydicom.dataset import Dataset
+from pydicom.dataelem import DataElement
+from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
 
@@ -28,6 +36,10 @@ from hospital_fl.data.ingest.screening import read_dicom
 from hospital_fl.errors import InputError
 
 __all__ = [
+    "BurnedInWithheld",
+    "KEPT_ATTRIBUTES",
+    "KEPT_SEQUENCES",
+    "burned_in_risk",
     "image_pseudonym",
     "patient_pseudonym",
     "DEIDENTIFICATION_METHOD",
@@ -44,7 +56,7 @@ __all__ = [
 # (birthday bound n^2 / 2^97), while the value still fits a 64-character LO or UI field.
 PSEUDONYM_HEX_CHARS = 24
 
-DEIDENTIFICATION_METHOD = "DICOM PS3.15 E.1 Basic Application Confidentiality Profile"
+DEIDENTIFICATION_METHOD = "PS3.15 E.1 Basic Profile by allow list (hospital_fl 2)"  # LO: <= 64 chars
 PROFILE_CODE = ("113100", "DCM", "Basic Application Confidentiality Profile")
 
 _MIN_SALT_BYTES = 16
@@ -52,7 +64,8 @@ _ANONYMOUS = "ANONYMOUS"
 
 _REMOVE, _EMPTY, _DUMMY = "X", "Z", "D"
 
-# Annex E actions for the identifying attributes a radiograph can carry. Where the profile allows
+# Annex E actions for the identifying attributes a radiograph can carry: what phi_findings reports
+# (by keyword) and what a de-identified copy must not carry. Where the profile allows
 # several (X/Z/D: "depends on the IOD"), attributes that are type 2 in the CR and DX IODs are
 # blanked (Z) so the copy stays valid, the rest removed (X). PatientName and PatientID get dummy
 # values (D): the pseudonym keeps one patient's images together for patient-level splits.
@@ -219,40 +232,93 @@ _ACTIONS: dict[str, str] = {
 
 PHI_KEYWORDS: tuple[str, ...] = tuple(sorted(_ACTIONS))
 
-# UIDs that name a kind of object or an encoding, not this patient's objects: kept. Any UID under
-# the DICOM root 1.2.840.10008 is a well-known one and is kept too; every other UID is replaced.
-_KEPT_UIDS = frozenset(
+# What a de-identified copy keeps, as in the source. Everything here describes how the image was
+# encoded, acquired and should be displayed; none of it is free text, a date, a name or an id.
+# (In the spirit of PS3.15 Table E.1-1's retain options: the pixel and geometry modules stay, the
+# device identity, dates, descriptions and all patient/visit/request data go.)
+KEPT_ATTRIBUTES: frozenset[str] = frozenset(
     {
+        # SOP common, general series/image (codes and numbers only)
+        "SpecificCharacterSet",
         "SOPClassUID",
-        "MediaStorageSOPClassUID",
-        "ReferencedSOPClassUID",
-        "ReferencedSOPClassUIDInFile",
-        "RelatedGeneralSOPClassUID",
-        "OriginalSpecializedSOPClassUID",
-        "TransferSyntaxUID",
-        "ReferencedTransferSyntaxUIDInFile",
-        "ImplementationClassUID",
-        "CodingSchemeUID",
-        "ContextGroupExtensionCreatorUID",
+        "Modality",
+        "BodyPartExamined",
+        "ViewPosition",
+        "Laterality",
+        "ImageLaterality",
+        "PatientOrientation",
+        "ImageType",
+        "SeriesNumber",
+        "InstanceNumber",
+        "AcquisitionNumber",
+        "BurnedInAnnotation",
+        "RecognizableVisualFeatures",
+        # image pixel module
+        "SamplesPerPixel",
+        "PhotometricInterpretation",
+        "Rows",
+        "Columns",
+        "BitsAllocated",
+        "BitsStored",
+        "HighBit",
+        "PixelRepresentation",
+        "PlanarConfiguration",
+        "PixelAspectRatio",
+        "SmallestImagePixelValue",
+        "LargestImagePixelValue",
+        "NumberOfFrames",
+        "PixelData",
+        "LossyImageCompression",
+        "LossyImageCompressionRatio",
+        "LossyImageCompressionMethod",
+        # geometry
+        "PixelSpacing",
+        "ImagerPixelSpacing",
+        "PixelSpacingCalibrationType",
+        "EstimatedRadiographicMagnificationFactor",
+        "DistanceSourceToDetector",
+        "DistanceSourceToPatient",
+        "ImageOrientationPatient",
+        "ImagePositionPatient",
+        "SliceThickness",
+        "SpacingBetweenSlices",
+        # rescale, window and presentation
+        "RescaleIntercept",
+        "RescaleSlope",
+        "RescaleType",
+        "WindowCenter",
+        "WindowWidth",
+        "VOILUTFunction",
+        "PresentationLUTShape",
+        "PresentationIntentType",
+        "PixelIntensityRelationship",
+        "PixelIntensityRelationshipSign",
+        # exposure (acquisition physics, no device identity)
+        "KVP",
+        "ExposureTime",
+        "XRayTubeCurrent",
+        "Exposure",
+        "ExposureInuAs",
     }
 )
-_DICOM_ROOT = "1.2.840.10008."
 
-# Not identifying by definition, but it may hold leftover bytes from the writer's buffers.
-_TRAILING_PADDING = 0xFFFCFFFC
+# Sequences a copy keeps, each item filtered by its own allow list (items of any other sequence,
+# at any depth, are dropped with it).
+KEPT_SEQUENCES: dict[str, frozenset[str]] = {
+    "VOILUTSequence": frozenset({"LUTDescriptor", "LUTData"}),
+    "ModalityLUTSequence": frozenset({"LUTDescriptor", "LUTData", "ModalityLUTType"}),
+    "ReferencedImageSequence": frozenset({"ReferencedSOPClassUID", "ReferencedSOPInstanceUID", "ReferencedFrameNumber"}),
+}
 
-# File meta attributes naming the sending systems (AE titles can name a station or a hospital).
-_META_REMOVE = (
-    "SourceApplicationEntityTitle",
-    "SendingApplicationEntityTitle",
-    "ReceivingApplicationEntityTitle",
-    "SourcePresentationAddress",
-    "SendingPresentationAddress",
-    "ReceivingPresentationAddress",
-    "PrivateInformationCreatorUID",
-    "PrivateInformation",
-)
+# Type 2 in the CR and DX IODs: present but empty, so the copy stays a valid instance.
+_BLANKED = ("PatientBirthDate", "PatientSex", "StudyDate", "StudyTime", "AccessionNumber", "ReferringPhysicianName",
+            "StudyID", "ContentDate", "ContentTime")  # fmt: skip
+# Instance UIDs: replaced by salted deterministic ones, so references between copies still hold.
+_REPLACED_UIDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "FrameOfReferenceUID")
+_META_KEPT = ("MediaStorageSOPClassUID", "TransferSyntaxUID")  # the rest pydicom writes afresh on save
 
+_SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"  # and its multi-frame .1-.4 variants
+_DICOM_ROOT = "1.2.840.10008."  # well-known UIDs (classes, syntaxes): kept, they name no patient
 
 def pseudonym(value: str, salt: bytes) -> str:
     """A salted, deterministic stand-in for an identifier (patient id, SOP Instance UID).
@@ -313,20 +379,44 @@ def phi_findings(ds: Dataset) -> dict:
     }
 
 
+def burned_in_risk(ds: Dataset) -> str | None:
+    """Why the pixels of ``ds`` may show identifying text, or None.
+
+    BurnedInAnnotation YES says so outright. A secondary capture (ImageType SECONDARY, or a
+    Secondary Capture SOP class) is a picture of a screen or a document, where names and dates are
+    commonly drawn into the pixels. ImageType DERIVED alone is not a reason: processed radiographs
+    are routinely DERIVED\\PRIMARY. A missing BurnedInAnnotation is not one either (most CR/DX
+    exports omit it), which is why copies are meant for reviewed sharing, not publication.
+    """
+    if _upper(ds.get("BurnedInAnnotation")) == "YES":
+        return "BurnedInAnnotation is YES"
+    image_type = ds.get("ImageType")
+    values = [_upper(v) for v in image_type] if isinstance(image_type, (MultiValue, list, tuple)) else [_upper(image_type)]
+    if "SECONDARY" in values:
+        return "ImageType says SECONDARY (a screen or document capture)"
+    if str(ds.get("SOPClassUID", "")).startswith(_SECONDARY_CAPTURE):
+        return "the SOP class is Secondary Capture (a screen or document capture)"
+    return None
+
+
+class BurnedInWithheld(InputError):
+    """A de-identified copy was refused: the pixels may show identifying text."""
+
+
 def deidentify(ds: Dataset, salt: bytes) -> Dataset:
-    """A copy of ``ds`` under the Basic Application Confidentiality Profile (PS3.15 E.1).
+    """A copy of ``ds`` that keeps only what is known to be safe (see the module docstring).
 
-    On the copy, everywhere including nested sequences: the :data:`PHI_KEYWORDS` attributes are
-    removed or blanked, PatientName becomes "ANONYMOUS" and PatientID its :func:`pseudonym`;
-    private attributes, curves (50xx) and overlays (60xx) are removed; every instance UID
-    (Study, Series, SOP Instance, Frame of Reference, references, and the file meta's
-    MediaStorageSOPInstanceUID) becomes ``2.25.<128 bits of HMAC-SHA256(salt, uid)>``, so the
-    same input and salt always give the same UIDs and references between files stay intact.
-    PatientIdentityRemoved is set to YES, DeidentificationMethod names the profile and
-    DeidentificationMethodCodeSequence gains code 113100 (DCM).
+    The copy holds :data:`KEPT_ATTRIBUTES` as in ``ds``; :data:`KEPT_SEQUENCES` with each item
+    reduced to its own allow list; PatientName "ANONYMOUS" and PatientID its :func:`pseudonym`;
+    the type-2 attributes :data:`_BLANKED` empty; Study, Series, SOP Instance and Frame of
+    Reference UIDs (and referenced SOP instances) as ``2.25.<128 bits of HMAC-SHA256(salt, uid)>``,
+    so the same input and salt always give the same UIDs and references between files stay
+    intact. Nothing else: no other attribute, sequence, private tag, curve or overlay. The file
+    meta keeps only the SOP class and transfer syntax (the rest is written afresh on save).
+    PatientIdentityRemoved is YES, DeidentificationMethod names the method and
+    DeidentificationMethodCodeSequence holds code 113100 (DCM).
 
-    Pixel data is untouched: text burned into the image (BurnedInAnnotation YES) stays, so such
-    files must be flagged or refused by the caller.
+    Pixel data is untouched: text burned into the image stays (see :func:`burned_in_risk`).
 
     Args:
         ds: the dataset to de-identify; not modified.
@@ -339,33 +429,56 @@ def deidentify(ds: Dataset, salt: bytes) -> Dataset:
         InputError: ``salt`` is not bytes of length >= 16.
     """
     _check_salt(salt)
-    clean = copy.deepcopy(ds)
-    _scrub(clean, salt)
-    meta = getattr(clean, "file_meta", None)
-    if meta is not None:
-        for keyword in _META_REMOVE:
-            if keyword in meta:
-                del meta[keyword]
-        _replace_uids(meta, salt)
-        if "SOPInstanceUID" in clean:
-            meta.MediaStorageSOPInstanceUID = clean.SOPInstanceUID
+    clean = FileDataset("", Dataset(), preamble=b"\0" * 128)
+    for elem in ds:
+        keyword = elem.keyword
+        if elem.tag.is_private or not keyword:
+            continue
+        if keyword in KEPT_ATTRIBUTES and elem.VR != "SQ":
+            clean.add(copy.deepcopy(elem))
+        elif keyword in KEPT_SEQUENCES and elem.VR == "SQ":
+            items = Sequence([_kept_item(item, KEPT_SEQUENCES[keyword], salt) for item in elem.value])
+            clean.add(DataElement(elem.tag, "SQ", items))
+        elif keyword in _BLANKED:
+            clean.add(DataElement(elem.tag, elem.VR, ""))
+        elif keyword in _REPLACED_UIDS and _has_value(elem.value):
+            clean.add(DataElement(elem.tag, "UI", _replacement(str(elem.value), salt)))
+    if "PatientName" in ds:
+        clean.PatientName = _ANONYMOUS
+    if "PatientID" in ds:
+        # An empty id stays empty: one shared pseudonym would merge unrelated patients.
+        clean.PatientID = pseudonym(str(ds.PatientID), salt) if _has_value(ds.PatientID) else ""
     clean.PatientIdentityRemoved = "YES"
-    # Earlier de-identification steps stay on record (the attribute is multi-valued).
-    earlier = clean.get("DeidentificationMethod")
-    methods = [str(m) for m in earlier] if isinstance(earlier, MultiValue) else [str(earlier)] if earlier else []
-    if DEIDENTIFICATION_METHOD not in methods:
-        methods.append(DEIDENTIFICATION_METHOD)
-    clean.DeidentificationMethod = methods if len(methods) > 1 else methods[0]
-    codes = clean.get("DeidentificationMethodCodeSequence") or Sequence()
-    if not any(item.get("CodeValue") == PROFILE_CODE[0] for item in codes):
-        item = Dataset()
-        item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = PROFILE_CODE
-        codes.append(item)
-    clean.DeidentificationMethodCodeSequence = codes
+    clean.DeidentificationMethod = DEIDENTIFICATION_METHOD
+    item = Dataset()
+    item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = PROFILE_CODE
+    clean.DeidentificationMethodCodeSequence = Sequence([item])
+    meta = FileMetaDataset()
+    source_meta = getattr(ds, "file_meta", None) or FileMetaDataset()
+    for keyword in _META_KEPT:
+        if keyword in source_meta:
+            meta.add(copy.deepcopy(source_meta[keyword]))
+    if "SOPInstanceUID" in clean:
+        meta.MediaStorageSOPInstanceUID = clean.SOPInstanceUID
+    clean.file_meta = meta
     return clean
 
 
-def deidentify_file(src: str | PathLike[str], dst: str | PathLike[str], salt: bytes) -> None:
+def _kept_item(item: Dataset, allowed: frozenset[str], salt: bytes) -> Dataset:
+    out = Dataset()
+    for elem in item:
+        if elem.tag.is_private or elem.keyword not in allowed or elem.VR == "SQ":
+            continue
+        if elem.keyword == "ReferencedSOPInstanceUID":
+            out.add(DataElement(elem.tag, "UI", _replacement(str(elem.value), salt)))
+        else:
+            out.add(copy.deepcopy(elem))
+    return out
+
+
+def deidentify_file(
+    src: str | PathLike[str], dst: str | PathLike[str], salt: bytes, allow_burned_in: bool = False
+) -> None:
     """Write a de-identified copy of the DICOM file ``src`` to ``dst`` (see :func:`deidentify`).
 
     ``dst`` appears complete or not at all (written aside, then renamed); an existing ``dst`` is
@@ -375,8 +488,11 @@ def deidentify_file(src: str | PathLike[str], dst: str | PathLike[str], salt: by
         src: the original file.
         dst: where the copy goes; its folder must exist.
         salt: the site's secret, at least 16 bytes.
+        allow_burned_in: also copy an image whose pixels may show identifying text
+            (:func:`burned_in_risk`); only after a person has reviewed such images.
 
     Raises:
+        BurnedInWithheld: the pixels may show identifying text and ``allow_burned_in`` is False.
         InputError: ``dst`` is ``src``, or a bad salt.
         DicomRejected: ``src`` is not a DICOM file (``not_dicom``).
     """
@@ -386,7 +502,16 @@ def deidentify_file(src: str | PathLike[str], dst: str | PathLike[str], salt: by
             "dst", str(dst), "the de-identified copy must not replace the original", "write it to another folder"
         )
     _check_salt(salt)
-    clean = deidentify(read_dicom(src_path), salt)
+    ds = read_dicom(src_path)
+    risk = burned_in_risk(ds)
+    if risk and not allow_burned_in:
+        raise BurnedInWithheld(
+            "burned-in annotation",
+            risk,
+            "the pixels may show a name or other identifying text, which de-identifying the header cannot remove",
+            "review the images, then allow their copies explicitly (hospital-fl ingest --copy-burned-in)",
+        )
+    clean = deidentify(ds, salt)
     partial = dst_path.with_name(f".{dst_path.name}.partial")
     try:
         clean.save_as(partial, enforce_file_format=True)
@@ -431,42 +556,6 @@ def _has_value(value: object) -> bool:
     if isinstance(value, (bytes, bytearray)):
         return len(value.strip(b"\0 ")) > 0
     return str(value).strip() != ""
-
-
-def _is_curve_or_overlay(group: int) -> bool:
-    return group % 2 == 0 and (0x5000 <= group <= 0x50FF or 0x6000 <= group <= 0x60FF)
-
-
-def _scrub(ds: Dataset, salt: bytes) -> None:
-    """Apply the profile to ``ds`` in place, recursing into sequences."""
-    for elem in list(ds):
-        tag = elem.tag
-        action = _ACTIONS.get(elem.keyword)
-        if tag.is_private or _is_curve_or_overlay(tag.group) or action == _REMOVE or tag == _TRAILING_PADDING:
-            del ds[tag]
-        elif action == _EMPTY:
-            elem.value = ""
-        elif action == _DUMMY:
-            if elem.keyword == "PatientName":
-                elem.value = _ANONYMOUS
-            else:
-                # An empty id stays empty: one shared pseudonym would merge unrelated patients.
-                elem.value = pseudonym(str(elem.value), salt) if _has_value(elem.value) else ""
-        elif elem.VR == "SQ":
-            for item in elem.value:
-                _scrub(item, salt)
-    _replace_uids(ds, salt)
-
-
-def _replace_uids(ds: Dataset, salt: bytes) -> None:
-    """Replace the instance UIDs at this level of ``ds`` (not inside sequences)."""
-    for elem in ds:
-        if elem.VR != "UI" or elem.keyword in _KEPT_UIDS or not _has_value(elem.value):
-            continue
-        if isinstance(elem.value, MultiValue):
-            elem.value = [_replacement(str(v), salt) for v in elem.value]
-        else:
-            elem.value = _replacement(str(elem.value), salt)
 
 
 def _replacement(uid: str, salt: bytes) -> str:

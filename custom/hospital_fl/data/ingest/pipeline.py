@@ -32,6 +32,7 @@ from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
+import pydicom
 
 from hospital_fl.data.hashing import file_sha256
 from hospital_fl.data.ingest.consent import USABLE, ConsentPolicy, ConsentRegistry
@@ -46,7 +47,16 @@ from hospital_fl.data.ingest.manifest import (
     site_secret,
     write_dataset,
 )
-from hospital_fl.data.ingest.phi import deidentify_file, image_pseudonym, patient_pseudonym, phi_findings, pseudonym
+from hospital_fl.data.ingest.phi import (
+    DEIDENTIFICATION_METHOD,
+    BurnedInWithheld,
+    burned_in_risk,
+    deidentify_file,
+    image_pseudonym,
+    patient_pseudonym,
+    phi_findings,
+    pseudonym,
+)
 from hospital_fl.data.ingest.pixels import PREPROCESSING_VERSION, to_model_image
 from hospital_fl.data.ingest.screening import DicomRejected, ScreeningConfig, header_info, read_dicom, screen_header
 from hospital_fl.errors import InputError
@@ -67,7 +77,10 @@ class IngestConfig:
     consent: ConsentPolicy = field(default_factory=ConsentPolicy)
     burned_in: str = "flag"
     workers: int = 0  # 0: one per core
-    deidentify_to: str | None = None  # also write de-identified copies (DICOM basic profile)
+    deidentify_to: str | None = None  # also write de-identified copies (allow list; see phi.py)
+    # Copies of images whose pixels may show identifying text (phi.burned_in_risk) are withheld
+    # unless the operator, having reviewed them, allows them.
+    copy_burned_in: bool = False
 
     def __post_init__(self):
         if not isinstance(self.image_size, int) or self.image_size < 16:
@@ -252,25 +265,43 @@ def _exclusive(site_dir: Path):
         yield
 
 
-def _write_deidentified(accepted: list, dicom_dir: Path, target: Path, salt: bytes) -> list[dict]:
+def _write_deidentified(accepted: list, dicom_dir: Path, target: Path, salt: bytes, allow_burned_in: bool) -> list[dict]:
     """De-identified copies of the accepted images only; copies of images no longer accepted
-    (consent withdrawn, relabelled) are removed. Returns failures for the report."""
+    (consent withdrawn, relabelled), withheld (burned-in text) or made by an earlier method are
+    removed or rewritten. Returns withheld copies and failures for the report."""
     target.mkdir(parents=True, exist_ok=True)
-    keep, failures = set(), []
+    keep, problems = set(), []
     for path, outcome, *_ in accepted:
         dst = target / f"{outcome.image_id}.dcm"
-        keep.add(dst.name)
-        if dst.exists():
+        rel = str(path.relative_to(dicom_dir))
+        existing = _current_copy(dst) if dst.exists() else None
+        if existing is not None and (allow_burned_in or burned_in_risk(existing) is None):
+            keep.add(dst.name)  # made by this method under this policy: nothing to redo
             continue
         try:
-            deidentify_file(path, dst, salt)
+            deidentify_file(path, dst, salt, allow_burned_in=allow_burned_in)
+            keep.add(dst.name)
+        except BurnedInWithheld as withheld:
+            problems.append({"file": rel, "reason": "copy_withheld_burned_in",
+                             "detail": f"{withheld.value}: no de-identified copy (the image still trains); "
+                             "review it and pass --copy-burned-in to share it"})  # fmt: skip
         except Exception as err:  # the image still trains; only its shareable copy is missing
-            failures.append({"file": str(path.relative_to(dicom_dir)), "reason": "deidentify_failed",
+            problems.append({"file": rel, "reason": "deidentify_failed",
                              "detail": f"no de-identified copy was written ({type(err).__name__})"})  # fmt: skip
     for old in target.glob("*.dcm"):
         if _PSEUDONYM_FILE.fullmatch(old.name) and old.name not in keep:
             old.unlink()
-    return failures
+    return problems
+
+
+def _current_copy(path: Path):
+    """The copy's header when this bundle's de-identification made it, else None (older copies
+    may hold attributes it now drops, so they are rewritten)."""
+    try:
+        header = pydicom.dcmread(path, stop_before_pixels=True)
+    except Exception:
+        return None
+    return header if str(header.get("DeidentificationMethod")) == DEIDENTIFICATION_METHOD else None
 
 
 _PSEUDONYM_FILE = re.compile(r"[0-9a-f]{24}\.dcm")
@@ -446,7 +477,7 @@ def _ingest_locked(dicom_dir, files, unlisted, labels, site_dir, consent, cfg, t
             f"read {report_path} for each file's reason and fix the export, labels or consent registry",
         )
     if cfg.deidentify_to:
-        rejected += _write_deidentified(accepted, dicom_dir, Path(cfg.deidentify_to), salt)
+        rejected += _write_deidentified(accepted, dicom_dir, Path(cfg.deidentify_to), salt, cfg.copy_burned_in)
     size = cfg.image_size
     images = np.zeros((len(accepted), size, size), dtype=np.uint8)
     records = []
