@@ -80,10 +80,12 @@ def add_kit_commands(sub: argparse._SubParsersAction) -> None:
     ksub = kit.add_subparsers(dest="kit_command", required=True)
     verify = ksub.add_parser(
         "verify",
-        help="check an unpacked startup kit: files, certificates, project, signatures, local policies, classes",
+        help="check an unpacked startup kit: files, certificates, project, signatures, secret file modes, local "
+        "policies, classes",
         description="Check an unpacked FLARE startup kit the way FLARE will at start: its files, certificate chain "
-        "and dates, project, signatures, local policies and component classes. Exit 0 when all checks pass, "
-        "1 when one fails, 2 when the folder is not a kit.",
+        "and dates, project, signatures, local policies and component classes; and that its secrets (private "
+        "keys, the HE secret context) are mode 0600. Exit 0 when all checks pass, 1 when one fails, 2 when the "
+        "folder is not a kit.",
     )
     verify.add_argument("kit_dir", help="the unpacked kit folder, e.g. workspace/consortium/kits/hospital-a")
     verify.add_argument("--project", default=None, help="the consortium's project name the kit must belong to")

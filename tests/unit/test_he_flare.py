@@ -13,6 +13,7 @@ from nvflare.apis.fl_constant import ReservedKey
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import Shareable
 from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
+from nvflare.app_common.app_constant import AppConstants
 
 PARAMS = CKKSParams()
 
@@ -87,6 +88,12 @@ def _fl_ctx(job: str) -> FLContext:
     return ctx
 
 
+def _task(rnd: int) -> Shareable:
+    task = Shareable()
+    task.set_header(AppConstants.CURRENT_ROUND, rnd)
+    return task
+
+
 def test_site_refuses_a_plaintext_model_after_the_initial_one(consortium, monkeypatch):
     site_ctx, _ = consortium
     monkeypatch.setitem(flare_he._SITE_CONTEXTS, "job-a", site_ctx)
@@ -95,7 +102,7 @@ def test_site_refuses_a_plaintext_model_after_the_initial_one(consortium, monkey
     initial = _weights(0)
     meta = {flare_he.PLAINTEXT_INITIAL_KEY: True, flare_he.WEIGHTS_KEY: {"site-1": 0.5}}
 
-    received = decrypt.process_dxo(DXO(DataKind.WEIGHTS, data=initial, meta=meta), Shareable(), fl_ctx)
+    received = decrypt.process_dxo(DXO(DataKind.WEIGHTS, data=initial, meta=meta), _task(0), fl_ctx)
     assert flare_he.PLAINTEXT_INITIAL_KEY not in received.meta
     # The executor sends a difference; the filter sends the full weights times 0.5, encrypted.
     diff = {k: np.full_like(v, 0.01) for k, v in initial.items()}
@@ -105,8 +112,9 @@ def test_site_refuses_a_plaintext_model_after_the_initial_one(consortium, monkey
     back, _ = he.decrypt_update(sent.data, site_ctx)
     np.testing.assert_allclose(back["conv.weight"], initial["conv.weight"] + 0.01, atol=1e-4)
 
-    with pytest.raises(InputError, match="every model after the initial one arrives encrypted"):
-        decrypt.process_dxo(DXO(DataKind.WEIGHTS, data=initial, meta={}), Shareable(), fl_ctx)
+    for late in ({}, {flare_he.PLAINTEXT_INITIAL_KEY: True}):
+        with pytest.raises(InputError, match="only the first model of the job .* may arrive in plaintext"):
+            decrypt.process_dxo(DXO(DataKind.WEIGHTS, data=initial, meta=late), _task(1), fl_ctx)
 
 
 def test_encrypted_global_model_file_round_trips_and_refuses_other_files(consortium, tmp_path):

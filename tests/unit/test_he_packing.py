@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from hospital_fl.errors import InputError
 from hospital_fl.privacy.he_packing import (
+    TAG_FIELDS,
     Layout,
     PackingConfig,
     dequantize,
@@ -16,6 +17,7 @@ from hospital_fl.privacy.he_packing import (
     layout_for,
     pack,
     quantize,
+    tag_bound,
     unpack,
 )
 
@@ -144,7 +146,7 @@ def test_layout_json_round_trip_and_total():
     params = _model(rng)
     layout = layout_for(params, frame_exponents(params, CFG))
     assert layout.names == tuple(sorted(params))
-    assert layout.total == sum(v.size for v in params.values()) + 1
+    assert layout.total == sum(v.size for v in params.values()) + 1 + TAG_FIELDS  # values, canary, tags
     data = json.loads(json.dumps(layout.to_json()))
     assert Layout.from_json(data) == layout
     with pytest.raises(InputError, match="layout"):
@@ -192,7 +194,7 @@ def test_canary_garbage_is_refused():
     ints = quantize(params, layout, 0.5, CFG)
     for canary in (0, -5, 2**CFG.magnitude_bits * 2):
         bad = ints.copy()
-        bad[-1] = canary
+        bad[layout.canary_index] = canary
         with pytest.raises(InputError, match="decrypted update.*different context/key or was altered"):
             dequantize(bad, layout, CFG)
 
@@ -220,3 +222,16 @@ def test_packing_config_validation(kwargs):
 def test_packing_config_properties():
     cfg = PackingConfig()
     assert cfg.magnitude_bits == 16 and cfg.values_per_chunk == 8192
+
+
+def test_tags_sum_through_the_packing_and_bad_tags_are_refused():
+    params = {"w": np.ones(3)}
+    layout = layout_for(params, frame_exponents(params, CFG))
+    bound = tag_bound(CFG)
+    a, b = np.full(TAG_FIELDS, bound, dtype=np.int64), np.arange(-TAG_FIELDS, 0, dtype=np.int64)
+    summed = pack(quantize(params, layout, 0.5, CFG, a), CFG) + pack(quantize(params, layout, 0.5, CFG, b), CFG)
+    ints = unpack(summed, layout.total, CFG)
+    assert list(ints[layout.canary_index + 1 :]) == list(a + b)
+    for bad in (np.full(TAG_FIELDS, bound + 1), np.zeros(TAG_FIELDS - 1, dtype=np.int64), np.zeros(TAG_FIELDS)):
+        with pytest.raises(InputError, match="contribution tags"):
+            quantize(params, layout, 0.5, CFG, bad)

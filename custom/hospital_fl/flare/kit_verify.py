@@ -1,7 +1,7 @@
 """`hospital-fl kit verify`: is an unpacked startup kit what the operator provisioned, and will FLARE start with it?
 
 ``verify_kit`` runs one check per table row: layout, certificate chain, validity, project,
-signatures, local policies, classes and (server and client kits) signed jobs. Where FLARE
+signatures, secret file modes, local policies, classes and (server and client kits) signed jobs. Where FLARE
 has its own check, it is the one used (verify_folder_signature, FLAuthorizer, the class
 allow-list validation of ComponentPathAuthorizer, ModuleScanner for classes named by
 "name"), so what FLARE would refuse at start is found before a hospital's IT staff start
@@ -48,6 +48,7 @@ from hospital_fl.provisioning.certificates import (
     issuer_problems,
     key_problems,
     load_credentials,
+    mode_problems,
     self_signed_problems,
     utc_text,
     validity_problems,
@@ -163,6 +164,7 @@ def verify_kit(kit_dir: str | Path, project: str | None = None, now: dt.datetime
         ("validity", lambda: _check_validity(kit, now)),
         ("project", lambda: _check_project(kit, project)),
         ("signatures", lambda: _check_signatures(kit)),
+        ("secret file modes", lambda: _check_secret_modes(kit)),
         ("local policies", lambda: _check_local_policies(kit)),
         ("classes", lambda: _check_classes(kit)),
     ]
@@ -393,6 +395,23 @@ def _check_signatures(kit: _Kit) -> KitCheck:
         return KitCheck("signatures", False, "; ".join(problems), _RESIGN)
     names = ", ".join(f"{_rel(d, kit.path)}/" for d in signed)
     return KitCheck("signatures", True, f"{names} signed by the kit's root CA; every file verifies")
+
+
+def _check_secret_modes(kit: _Kit) -> KitCheck:
+    """Private keys and the HE secret context are readable by their owner only (0600)."""
+    name = "secret file modes"
+    if os.name != "posix":
+        return KitCheck(name, True, "not checked: file modes are POSIX", "", warn=True)
+    loose = mode_problems(kit.path)
+    if loose:
+        found = "; ".join(f"{path} has mode {mode}" for path, mode in loose)
+        return KitCheck(
+            name,
+            False,
+            f"{found}: a secret (private key or HE secret context) must be readable by its owner only (mode 0600)",
+            "; ".join(f"chmod 600 {kit.path / path}" for path, _ in loose),
+        )
+    return KitCheck(name, True, "private keys and HE secret context readable by their owner only (0600)")
 
 
 def _rel(path: Path, kit: Path) -> str:

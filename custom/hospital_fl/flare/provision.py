@@ -53,6 +53,8 @@ import hospital_fl
 from hospital_fl.audit import AUDIT_FILE, append_event
 from hospital_fl.errors import InputError
 from hospital_fl.flare.site_policy import allow_bundle_components
+from hospital_fl.privacy.he_kit import DEFAULT_MIN_AGGREGATE_SITES, provision_kit_facts
+from hospital_fl.provisioning.certificates import SECRET_MODE, restrict_secrets
 from hospital_fl.provisioning.project import (
     KIT_BUILDER,
     render_project,
@@ -147,11 +149,14 @@ class HospitalKitBuilder(Builder):
             hospital_fl.provisioning.project.site_policies.
         bundle_participants: participants whose local/resources.json gets the bundle's
             class allow list (hospital_fl.flare.site_policy), so they run its jobs.
+        hospitals: hospitals in the consortium, written into HE kits (default: this
+            project's clients; more when a hospital is added to issued kits).
     """
 
-    def __init__(self, sites: dict, bundle_participants: list | None = None):
+    def __init__(self, sites: dict, bundle_participants: list | None = None, hospitals: int | None = None):
         self.sites = sites
         self.bundle_participants = list(bundle_participants or [])
+        self.hospitals = hospitals
 
     def initialize(self, project: Project, ctx: ProvisionContext):
         clients = {p.name for p in project.get_clients()}
@@ -178,6 +183,15 @@ class HospitalKitBuilder(Builder):
             resources = with_job_type_gate(resources, site["allowed_job_types"], participant.name)
             resources_file.write_text(json.dumps(resources, indent=2) + "\n")
             self._write_docker_sh(participant, site, ctx)
+        # HE: the hospitals' key id for the server, the aggregate minimum for each hospital (before signing)
+        server, clients = project.get_server(), project.get_clients()
+        default = DEFAULT_MIN_AGGREGATE_SITES
+        minimum = {c.name: self.sites.get(c.name, {}).get("min_aggregate_sites", default) for c in clients}
+        provision_kit_facts(
+            Path(ctx.get_kit_dir(server)) if server else None,
+            {c.name: (Path(ctx.get_kit_dir(c)), minimum[c.name]) for c in clients},
+            self.hospitals or len(clients),
+        )
 
     @staticmethod
     def _write_docker_sh(participant, site: dict, ctx: ProvisionContext) -> None:
@@ -346,11 +360,14 @@ def provision(site_configs_dir: str | Path, out_dir: str | Path) -> ProvisionRes
         kits = []
         for p in project["participants"]:
             shutil.move(prod / p["name"], kits_dir / p["name"])
+            restrict_secrets(kits_dir / p["name"])  # before zipping: the archive keeps the modes
             archive = shutil.make_archive(str(kits_dir / p["name"]), "zip", root_dir=kits_dir, base_dir=p["name"])
+            os.chmod(archive, SECRET_MODE)  # it holds the participant's private key
             kits.append(
                 Kit(p["name"], p["type"], p["org"], out / KITS_DIR / p["name"], out / KITS_DIR / Path(archive).name)
             )
         shutil.move(staging / "flare" / project["name"] / STATE_DIR, staging / STATE_DIR)
+        restrict_secrets(staging / STATE_DIR)  # cert.json: the root CA's private key
         shutil.rmtree(staging / "flare")
         (staging / PROJECT_FILE).write_text(_project_text(project))
         server = next(k for k in kits if k.type == ParticipantType.SERVER)
@@ -531,9 +548,14 @@ def _add_site_project(issued_project: dict, new_project: dict, hospital, he_file
                 "args": {"server_context": str(server_context), "client_context": str(client_context)},
             }
         elif builder["path"] == KIT_BUILDER:
+            issued = sum(p["type"] == ParticipantType.CLIENT for p in issued_project["participants"])
             builder = {
                 "path": KIT_BUILDER,
-                "args": {"sites": {hospital.name: site_policies(hospital)}, "bundle_participants": [hospital.name]},
+                "args": {
+                    "sites": {hospital.name: site_policies(hospital)},
+                    "bundle_participants": [hospital.name],
+                    "hospitals": issued + 1,
+                },
             }
         builders.append(builder)
     return {**new_project, "participants": [server, client], "builders": builders}
@@ -627,9 +649,12 @@ def add_site(site_configs_dir: str | Path, hospital_file: str | Path, out_dir: s
         prod = _run_flare(project, staging / "flare", out / STATE_DIR)
         built = staging / hospital.name
         shutil.move(prod / hospital.name, built)
+        restrict_secrets(built)  # its key and the copied HE context, before zipping
         built_archive = shutil.make_archive(
             str(staging / hospital.name), "zip", root_dir=staging, base_dir=hospital.name
         )
+        os.chmod(built_archive, SECRET_MODE)
+        restrict_secrets(staging / "flare" / project["name"] / STATE_DIR)
         kit = Kit(hospital.name, ParticipantType.CLIENT, hospital.org, kit_dir, archive)
         updated = _with_new_hospital(issued_project, hospital)
         position = max(i for i, k in enumerate(manifest["kits"]) if k["type"] != "admin") + 1

@@ -9,6 +9,14 @@ decrypted sum_i p_i. Contexts are those FLARE's HEBuilder writes to the kits:
 
 Payloads are plain dicts (str/int/float/list/dict/bytes), so FLARE serializes them as is.
 
+What a decrypting site accepts (``decrypt_update`` with an ``AggregateClaim``): the server
+announces which sites' updates an aggregate sums and their weights; the site refuses a claim
+of fewer than its minimum of sites before decrypting, and after decrypting refuses unless the
+canary equals the sum of the claimed weights and the contribution tags equal the sum of the
+claimed sites' tags. Tags are HMAC-SHA256 values keyed with a hash of the hospitals' secret
+key over (job, round, site, weight): the server cannot compute them, so it cannot pass off
+one site's ciphertext (alone, added to itself, or with plaintext added) as several sites'.
+
 Speed (DenseNet-121, 7.0M values, 859 ciphertexts of ~122 kB, 2 CPU cores, measured):
 encryption and decryption run in a process pool (TenSEAL holds the GIL): ~0.9 s to
 encrypt (1.5 s in-process), ~0.6 s to decrypt (0.7 s). The server's sum runs in-process:
@@ -22,6 +30,8 @@ from __future__ import annotations
 
 import atexit
 import hashlib
+import hmac
+import json
 import math
 import multiprocessing
 import os
@@ -29,6 +39,7 @@ import threading
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from concurrent.futures import BrokenExecutor, ProcessPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -36,13 +47,17 @@ import tenseal as ts
 
 from hospital_fl.errors import InputError
 from hospital_fl.privacy.he_packing import (
+    MAX_TAGGED_SITES,
+    TAG_FIELDS,
     WEIGHT_TOLERANCE,
     Layout,
+    canary_units,
     dequantize,
     frame_exponents,
     layout_for,
     pack,
     quantize,
+    tag_bound,
     unpack,
 )
 from hospital_fl.privacy.he_params import SECURITY_MAX_BITS, CKKSParams
@@ -50,6 +65,9 @@ from hospital_fl.privacy.he_params import SECURITY_MAX_BITS, CKKSParams
 __all__ = [
     "CKKSParams",
     "FORMAT",
+    "Contribution",
+    "AggregateClaim",
+    "contribution_tags",
     "SECURITY_MAX_BITS",
     "make_context",
     "server_context_bytes",
@@ -66,7 +84,7 @@ __all__ = [
     "shutdown_pools",
 ]
 
-FORMAT = "hospital_fl.ckks/1"
+FORMAT = "hospital_fl.ckks/2"  # /2: contribution tags after the canary
 _PAYLOAD_KEYS = ("format", "fingerprint", "params", "layout", "weight", "sites", "chunks")
 _KIT_FIX = {
     "server": "the server kit's startup/ folder holds server_context.tenseal when the consortium is "
@@ -76,10 +94,83 @@ _KIT_FIX = {
 }
 _KIT_USE = "the site must use the consortium's kit (its startup/client_context.tenseal from the same provisioning)"
 _FINGERPRINT_TAG = b"hospital_fl.ckks.key/1\x00"
+_TAG_KEY_TAG = b"hospital_fl.ckks.tag-key/1\x00"  # a different hash of the key than the public key id
 # Fewer chunks than this per worker are handled in-process: measured, a pool only breaks even
 # near 60 ciphertexts per worker (1M values over 2 workers).
 _MIN_CHUNKS_PER_WORKER = 64
 _BATCHES_PER_WORKER = 4
+
+
+@dataclass(frozen=True)
+class Contribution:
+    """Whose update a ciphertext is: the job, the round it was trained for, the site's name."""
+
+    job: str
+    round: int
+    site: str
+
+    def __post_init__(self):
+        for name, value in (("job", self.job), ("site", self.site)):
+            if not isinstance(value, str) or not value:
+                raise InputError(f"contribution {name}", value, "it must be a non-empty string", "pass the FLARE name")
+        if not _is_int(self.round) or self.round < 0:
+            raise InputError("contribution round", self.round, "it must be an integer >= 0", "pass the task's round")
+
+
+@dataclass(frozen=True)
+class AggregateClaim:
+    """What the server announces with an aggregate: the job, the round, and {site: p_i} of
+    the sites whose updates it summed (the weights they encrypted with)."""
+
+    job: str
+    round: int
+    weights: Mapping[str, float]
+
+    def __post_init__(self):
+        Contribution(self.job, self.round, "site")  # same rules for job and round
+        weights = self.weights
+        fix = "the server's controller announces {site: weight} of the sites it summed (EncryptedFedAvg)"
+        if not isinstance(weights, Mapping) or not weights:
+            raise InputError("announced aggregate sites", weights, "it must be a non-empty {site: weight}", fix)
+        for site, w in weights.items():
+            if not isinstance(site, str) or not site:
+                raise InputError("announced aggregate sites", site, "site names must be non-empty strings", fix)
+            if not isinstance(w, (int, float)) or isinstance(w, bool) or not 0 < w <= 1:
+                raise InputError(f"announced weight of {site}", w, "it must lie in (0, 1]", fix)
+        if len(weights) > MAX_TAGGED_SITES:
+            raise InputError(
+                "announced aggregate sites",
+                len(weights),
+                f"an aggregate's contribution tags fit at most {MAX_TAGGED_SITES} sites",
+                f"sample at most {MAX_TAGGED_SITES} sites per round",
+            )
+        object.__setattr__(self, "weights", {str(k): float(v) for k, v in weights.items()})
+
+
+def contribution_tags(ctx: ts.Context, contribution: Contribution, weight: float, ckks: CKKSParams) -> np.ndarray:
+    """The TAG_FIELDS integers (within ±tag_bound) a site's update carries after its canary.
+
+    HMAC-SHA256 under a key derived from the hospitals' secret key, over the job, round,
+    site and the site's canary integer (its weight): every hospital can compute every
+    site's tags, the server (no secret key) none.
+    """
+    _require_secret_key(
+        ctx,
+        "TenSEAL context",
+        "contribution tags are keyed with the hospitals' secret key",
+        "use client_context.tenseal from the hospital kit's startup/ folder",
+    )
+    cfg = ckks.packing()
+    key = _key_digest(ctx, _TAG_KEY_TAG)
+    message = json.dumps(
+        [contribution.job, int(contribution.round), contribution.site, canary_units(weight, cfg)]
+    ).encode()
+    stream = b"".join(
+        hmac.new(key, message + bytes([block]), hashlib.sha256).digest() for block in range(-(-TAG_FIELDS * 8 // 32))
+    )
+    span = 2 * tag_bound(cfg) + 1  # 2**64 mod span is a bias of < 2**-50
+    values = [int.from_bytes(stream[8 * i : 8 * i + 8], "big") % span - tag_bound(cfg) for i in range(TAG_FIELDS)]
+    return np.asarray(values, dtype=np.int64)
 
 
 def make_context(params: CKKSParams) -> ts.Context:
@@ -181,15 +272,20 @@ def context_fingerprint(ctx: ts.Context) -> str:
         "the key id needs the secret key; the server's context cannot derive it",
         "call it on a hospital's client context, and give the server the id to pin if it must check one",
     )
+    return _key_digest(ctx, _FINGERPRINT_TAG).hex()
+
+
+def _key_digest(ctx: ts.Context, tag: bytes) -> bytes:
+    """sha256(tag, encryption parameters, secret key): domain-separated hashes of one key."""
     raw = ctx.serialize(save_public_key=False, save_secret_key=True, save_galois_keys=False, save_relin_keys=False)
     top = _proto_fields(raw)
     secret = _proto_fields(top.get(3, b"")).get(1, b"")
     parms = top.get(1, b"")
-    digest = hashlib.sha256(_FINGERPRINT_TAG)
+    digest = hashlib.sha256(tag)
     for part in (parms, secret):
         digest.update(len(part).to_bytes(8, "big"))
         digest.update(part)
-    return digest.hexdigest()
+    return digest.digest()
 
 
 def is_encrypted(obj: object) -> bool:
@@ -209,12 +305,15 @@ def encrypt_update(
     ctx: ts.Context,
     ckks: CKKSParams,
     workers: int | None = None,
+    contribution: Contribution | None = None,
 ) -> dict:
     """The payload of a site's ``weight`` * ``params``, on frames derived from ``reference``.
 
     ``weight`` is the site's share of the round (the shares of a round's sites sum to 1);
     ``reference`` is the global model every site received, so all sites share the frames.
     ``workers``: processes for large updates (default: one per CPU core; 1: in-process).
+    ``contribution``: whose update this is; its tags let a decrypting site check an
+    aggregate's claim (None: zero tags, only for aggregates decrypted without a claim).
     """
     _require_secret_key(
         ctx,
@@ -225,7 +324,8 @@ def encrypt_update(
     _check_context_params(ctx, ckks, encrypting=True)
     cfg = ckks.packing()
     layout = layout_for(params, frame_exponents(reference, cfg))
-    rows = pack(quantize(params, layout, weight, cfg), cfg)
+    tags = None if contribution is None else contribution_tags(ctx, contribution, weight, ckks)
+    rows = pack(quantize(params, layout, weight, cfg, tags), cfg)
     key_bytes = _secret_context_bytes(ctx)
     chunks = _run(_encrypt_rows, ctx, key_bytes, rows, _default_workers() if workers is None else workers)
     return {
@@ -341,13 +441,20 @@ def decrypt_update(
     ctx: ts.Context,
     ckks: CKKSParams | None = None,
     workers: int | None = None,
+    claim: AggregateClaim | None = None,
+    min_sites: int = 1,
 ) -> tuple[dict[str, np.ndarray], dict]:
     """(sum_i p_i w_i / sum_i p_i per tensor, info) of an aggregated payload.
 
     ``ckks``, when given, must equal the payload's parameters (the job's configuration).
-    The decoded sum of weights must match the payload's declared one within 1e-3: a server
-    that dropped, duplicated or altered updates is caught here. info holds decoded_weight,
-    sites, n_chunks and bytes. ``workers``: processes (default one per CPU core; 1: in-process).
+    Without ``claim`` the decoded sum of weights must match the payload's declared one
+    within 1e-3 (for a site's own files). With the server's ``claim`` (what a site does with
+    every aggregate it is sent): refused before decryption when the claim names fewer than
+    ``min_sites`` sites or disagrees with the payload's declared weight and site count;
+    refused after it, nothing returned, unless the canary equals the sum of the claimed
+    weights and the tags the sum of the claimed sites' tags (contribution_tags). info holds
+    decoded_weight, sites, n_chunks and bytes. ``workers``: processes (default one per CPU
+    core; 1: in-process).
     """
     _require_secret_key(
         ctx,
@@ -360,6 +467,8 @@ def decrypt_update(
             "encrypted update", type(payload).__name__, f"it must be a {FORMAT} payload", "decrypt what the server sent"
         )
     payload_ckks, layout = _check_payload(payload, "encrypted update")
+    if claim is not None:
+        _check_claim(claim, payload, min_sites)
     if ckks is not None and ckks != payload_ckks:
         raise InputError(
             "encrypted update",
@@ -379,9 +488,12 @@ def decrypt_update(
     cfg = payload_ckks.packing()
     workers = _default_workers() if workers is None else workers
     rows = _run(_decrypt_blobs, ctx, _secret_context_bytes(ctx), list(payload["chunks"]), workers)
-    values, decoded = dequantize(unpack(np.stack(rows), layout.total, cfg), layout, cfg)
+    ints = unpack(np.stack(rows), layout.total, cfg)
+    values, decoded = dequantize(ints, layout, cfg)
     declared = float(payload["weight"])
-    if abs(decoded - declared) > WEIGHT_TOLERANCE:
+    if claim is not None:
+        _check_contributions(ints, layout, claim, ctx, payload_ckks)
+    elif abs(decoded - declared) > WEIGHT_TOLERANCE:
         raise InputError(
             "decrypted update",
             f"sum of weights {decoded:.6f} (declared {declared:.6f})",
@@ -396,6 +508,64 @@ def decrypt_update(
         "bytes": payload_nbytes(payload),
     }
     return values, info
+
+
+def _check_claim(claim: AggregateClaim, payload: Mapping, min_sites: int) -> None:
+    """Refusals a site makes before it decrypts anything."""
+    if not isinstance(claim, AggregateClaim):
+        raise InputError("aggregate claim", type(claim).__name__, "it must be an AggregateClaim", "build one")
+    if not _is_int(min_sites) or min_sites < 1:
+        raise InputError("min_sites", min_sites, "it must be an integer >= 1", "pass the site's min_aggregate_sites")
+    names = sorted(claim.weights)
+    if len(names) < min_sites:
+        raise InputError(
+            "aggregate",
+            f"round {claim.round} announced as the sum of {len(names)} site(s) {names}",
+            f"this site decrypts only aggregates of at least {min_sites} hospitals: a smaller one would show "
+            "it a single hospital's update (or two hospitals', one of which it can subtract)",
+            "nothing was decrypted; the server must send the sum of the round's updates, and a round needs "
+            f"at least {min_sites} sites whose updates are accepted",
+        )
+    announced = sum(claim.weights.values())
+    if payload["sites"] != len(names) or abs(float(payload["weight"]) - announced) > WEIGHT_TOLERANCE:
+        raise InputError(
+            "aggregate",
+            f"{payload['sites']} site(s) of weight {float(payload['weight']):.6f} in the ciphertext's header",
+            f"the server announced {len(names)} site(s) {names} of weight {announced:.6f}",
+            "nothing was decrypted; the server must send the aggregate it announced",
+        )
+
+
+def _check_contributions(
+    ints: np.ndarray, layout: Layout, claim: AggregateClaim, ctx: ts.Context, ckks: CKKSParams
+) -> None:
+    """The decrypted canary and tags must be those of exactly the claimed sites."""
+    cfg = ckks.packing()
+    names = sorted(claim.weights)
+    canary = int(ints[layout.canary_index])
+    expected = sum(canary_units(w, cfg) for w in claim.weights.values())
+    tags = np.asarray(ints[layout.canary_index + 1 : layout.canary_index + 1 + TAG_FIELDS], dtype=np.int64)
+    tags_expected = sum(
+        contribution_tags(ctx, Contribution(claim.job, claim.round, site), w, ckks) for site, w in claim.weights.items()
+    )
+    if canary != expected:
+        raise InputError(
+            "decrypted aggregate",
+            f"sum of weights {math.ldexp(canary, -cfg.magnitude_bits):.6f}",
+            f"it must equal the sum {math.ldexp(expected, -cfg.magnitude_bits):.6f} of the weights announced "
+            f"for {names} in round {claim.round}: the ciphertext is not their sum (one site's update forwarded, "
+            "scaled or repeated, an update dropped or added)",
+            "the decrypted values were discarded; check the server: it must add each announced site's update once",
+        )
+    if not np.array_equal(tags, tags_expected):
+        raise InputError(
+            "decrypted aggregate",
+            f"contribution tags of round {claim.round}",
+            f"they must be the sum of the tags of {names} (job {claim.job}, round {claim.round}, the announced "
+            "weights): the ciphertext does not hold each announced site's update exactly once (a single site's "
+            "update forwarded or repeated, an update of another round, or weights other than announced)",
+            "the decrypted values were discarded; check the server: it must add each announced site's update once",
+        )
 
 
 def shutdown_pools() -> None:

@@ -12,10 +12,14 @@ Each field has one sign bit and one carry bit over the frame: a site's |q| is at
 p_i * 2**magnitude_bits and the p_i of a round sum to 1, so the sum of all sites stays
 below 2**(field_bits - 1) and fields never bleed into each other.
 
-The last value is a canary: p_i itself on the frame 2**0. After aggregation it decodes to
-sum_i p_i, which the decrypting site divides by (a round missing a site is still a
-weighted mean) and checks: a ciphertext under another key, or an altered sum, decodes to
-garbage there.
+After the tensors comes a canary: p_i itself on the frame 2**0. After aggregation it
+decodes to sum_i p_i, which the decrypting site divides by (a round missing a site is still
+a weighted mean) and checks: a ciphertext under another key, or an altered sum, decodes to
+garbage there. Last come TAG_FIELDS contribution tags: pseudorandom integers in
+[-tag_bound, tag_bound] that only holders of the hospitals' key can compute
+(hospital_fl.privacy.he), one vector per site and round. After aggregation they decode to
+the sum of the summed sites' tags, which proves to a decrypting site which sites' updates
+the aggregate holds, each exactly once.
 """
 
 from __future__ import annotations
@@ -39,12 +43,20 @@ __all__ = [
     "dequantize",
     "CANARY_EXPONENT",
     "WEIGHT_TOLERANCE",
+    "TAG_FIELDS",
+    "MAX_TAGGED_SITES",
+    "tag_bound",
+    "canary_units",
 ]
 
 # The canary (the site's aggregation weight) is quantized on the frame 2**0 = [-1, 1].
 CANARY_EXPONENT = 0
 # A decoded sum of weights may exceed 1 by rounding of the per-site weights, never more.
 WEIGHT_TOLERANCE = 1e-3
+# Contribution tags per update: 8 fields of 12 bits at the defaults (~96 bits to guess).
+TAG_FIELDS = 8
+# The tags of this many sites still sum inside a field (the tag range shrinks to make room).
+MAX_TAGGED_SITES = 64
 # float64 holds integers exactly up to 2**53; a packed slot must stay below that.
 _FLOAT_EXACT_BITS = 52
 _NUMERIC_KINDS = "biuf"
@@ -179,9 +191,14 @@ class Layout:
         return tuple(math.prod(s) for s in self.shapes)
 
     @property
+    def canary_index(self) -> int:
+        """Position of the canary (the weight p_i) in the flat vector; the tags follow it."""
+        return sum(self.sizes)
+
+    @property
     def total(self) -> int:
-        """Integers in the flat vector: every tensor's values plus the canary."""
-        return sum(self.sizes) + 1
+        """Integers in the flat vector: every tensor's values, the canary and the tags."""
+        return sum(self.sizes) + 1 + TAG_FIELDS
 
     def to_json(self) -> dict:
         """Plain JSON types only (lists of str/int)."""
@@ -279,11 +296,37 @@ def layout_for(params: Mapping[str, np.ndarray], exponents: Mapping[str, int]) -
     )
 
 
-def quantize(params: Mapping[str, np.ndarray], layout: Layout, weight: float, cfg: PackingConfig) -> np.ndarray:
-    """q = round(p * x / 2**e_t * 2**magnitude_bits) for every value, canary last (int64).
+def tag_bound(cfg: PackingConfig) -> int:
+    """The largest |tag| a site sends: MAX_TAGGED_SITES of them still fit a signed field."""
+    return max(1, (2 ** (cfg.field_bits - 1) - 1) // MAX_TAGGED_SITES)
+
+
+def canary_units(weight: float, cfg: PackingConfig) -> int:
+    """The integer a site's weight p_i becomes in the canary field."""
+    return round(math.ldexp(float(weight), cfg.magnitude_bits - CANARY_EXPONENT))
+
+
+def quantize(
+    params: Mapping[str, np.ndarray],
+    layout: Layout,
+    weight: float,
+    cfg: PackingConfig,
+    tags: np.ndarray | None = None,
+) -> np.ndarray:
+    """q = round(p * x / 2**e_t * 2**magnitude_bits) for every value, then the canary and the
+    contribution ``tags`` (TAG_FIELDS integers within ±tag_bound; zeros when None), as int64.
 
     A value outside its frame raises instead of clipping: the aggregate would be wrong.
     """
+    tags = np.zeros(TAG_FIELDS, dtype=np.int64) if tags is None else np.asarray(tags)
+    bound = tag_bound(cfg)
+    if tags.shape != (TAG_FIELDS,) or tags.dtype.kind not in "iu" or int(np.abs(tags).max()) > bound:
+        raise InputError(
+            "contribution tags",
+            f"{tags.dtype}{list(tags.shape)}",
+            f"they must be {TAG_FIELDS} integers within ±{bound}",
+            "derive them with hospital_fl.privacy.he.contribution_tags()",
+        )
     if not (isinstance(weight, (int, float, np.floating)) and 0.0 < float(weight) <= 1.0):
         raise InputError(
             "aggregation weight", weight, "it must lie in (0, 1] (the site's share of the round)", "pass n_i / sum n"
@@ -318,7 +361,8 @@ def quantize(params: Mapping[str, np.ndarray], layout: Layout, weight: float, cf
             )
         out[offset : offset + size] = np.rint(x * math.ldexp(weight, mb - exponent))
         offset += size
-    out[offset] = round(math.ldexp(weight, mb - CANARY_EXPONENT))
+    out[offset] = canary_units(weight, cfg)
+    out[offset + 1 :] = tags
     return out
 
 
@@ -398,7 +442,7 @@ def dequantize(ints: np.ndarray, layout: Layout, cfg: PackingConfig) -> tuple[di
         raise InputError(
             "unpacked integers", list(ints.shape), f"they must be a flat array of {layout.total}", "use unpack()"
         )
-    weight = math.ldexp(float(ints[-1]), CANARY_EXPONENT - cfg.magnitude_bits)
+    weight = math.ldexp(float(ints[layout.canary_index]), CANARY_EXPONENT - cfg.magnitude_bits)
     if not 0.0 < weight <= 1.0 + WEIGHT_TOLERANCE:
         raise InputError(
             "decrypted update",

@@ -4,11 +4,17 @@ A kit's mTLS identity is three PEM files in startup/: the participant's certific
 private key and the project's root CA. These functions read them with ``cryptography`` only
 (no nvflare), and return what is wrong as sentences that name the file and the fix, so
 either command can put them in its table.
+
+Secrets (the private keys, the hospitals' HE context with the shared secret key, the root
+CA's state) are written 0600 (``restrict_secrets``) and a kit where one is readable by group
+or others fails ``kit verify`` (``mode_problems``).
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,9 +37,17 @@ __all__ = [
     "key_problems",
     "validity_problems",
     "certificate_problems",
+    "SECRET_MODE",
+    "is_secret",
+    "restrict_secrets",
+    "mode_problems",
 ]
 
 CLIENT_CRT, CLIENT_KEY, ROOT_CA = "startup/client.crt", "startup/client.key", "startup/rootCA.pem"
+SECRET_MODE = 0o600
+# FLARE's names: every participant's *.key, the hospitals' client_context.tenseal (HEBuilder,
+# the consortium's CKKS secret key), the provisioner's state/cert.json (the root CA's private key).
+_SECRET_NAMES = ("client_context.tenseal",)
 _FROM_OPERATOR = "use the kit the consortium operator provisioned for this site"
 
 
@@ -179,3 +193,39 @@ def certificate_problems(
             f"valid until {utc_text(cert.not_valid_after_utc)}"
         )
     return problems, summary
+
+
+def is_secret(path: Path) -> bool:
+    """Whether a kit or provisioning file holds a secret (a private key or the HE secret key)."""
+    path = Path(path)
+    root_ca_state = path.name == "cert.json" and path.parent.name == "state"
+    return path.suffix == ".key" or path.name in _SECRET_NAMES or root_ca_state
+
+
+def restrict_secrets(folder: Path) -> list[Path]:
+    """chmod 0600 every secret under ``folder`` (0700 for a state/ folder holding one); returns them."""
+    found = []
+    for root, _, files in os.walk(folder):
+        for name in files:
+            path = Path(root) / name
+            if is_secret(path) and not path.is_symlink():
+                os.chmod(path, SECRET_MODE)
+                found.append(path)
+                if path.parent.name == "state":
+                    os.chmod(path.parent, 0o700)
+    return found
+
+
+def mode_problems(folder: Path) -> list[tuple[str, str]]:
+    """(path relative to ``folder``, octal mode) of each secret readable or writable by group or others."""
+    folder = Path(folder)
+    out = []
+    for root, _, files in os.walk(folder):
+        for name in sorted(files):
+            path = Path(root) / name
+            if not is_secret(path):
+                continue
+            mode = stat.S_IMODE(path.lstat().st_mode)
+            if mode & 0o077:
+                out.append((path.relative_to(folder).as_posix(), f"{mode:04o}"))
+    return sorted(out)

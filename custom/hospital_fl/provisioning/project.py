@@ -141,6 +141,7 @@ def site_policies(hospital: HospitalConfig) -> dict:
             "mem_per_gpu_in_GiB": hospital.resources.mem_per_gpu_in_GiB,
         },
         "allowed_job_types": list(hospital.allowed_job_types),
+        "min_aggregate_sites": hospital.privacy.min_aggregate_sites,  # startup/hospital_fl_he.json under HE
         "docker_image": hospital.image,
         "data_root": hospital.data_root,
     }

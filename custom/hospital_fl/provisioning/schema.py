@@ -286,6 +286,8 @@ class PrivacyConfig:
         max_job_epsilon: the most one job may spend (<= lifetime_epsilon).
         delta: the delta at which budgets are reported, in (0, 1).
         accountant: "rdp" or "prv".
+        min_aggregate_sites: under HE, the site decrypts an aggregate only when it sums at
+            least this many hospitals (or every hospital of a smaller consortium); >= 2.
     """
 
     scope: str
@@ -293,6 +295,7 @@ class PrivacyConfig:
     max_job_epsilon: float
     delta: float
     accountant: str = "rdp"
+    min_aggregate_sites: int = 3
     source: str = field(default="privacy", compare=False, repr=False)
 
     @property
@@ -322,6 +325,13 @@ class PrivacyConfig:
             raise _number_error(_at(src, "delta"), self.delta, "delta must lie in (0, 1)", "1.0e-5")
         if self.accountant not in ACCOUNTANTS:
             raise InputError(_at(src, "accountant"), self.accountant, f"it must be one of {ACCOUNTANTS}", "use rdp")
+        if not _is_int(self.min_aggregate_sites) or self.min_aggregate_sites < 2:
+            raise _number_error(
+                _at(src, "min_aggregate_sites"),
+                self.min_aggregate_sites,
+                "it must be an integer >= 2 (an aggregate of one hospital is that hospital's update)",
+                "3",
+            )
 
 
 @dataclass(frozen=True)
@@ -565,7 +575,12 @@ def hospital_from_dict(data: object, source: str = "hospital") -> HospitalConfig
     )
     where = _at(source, "privacy")
     values["privacy"] = PrivacyConfig(
-        **_fields(values["privacy"], where, ("scope", "lifetime_epsilon", "max_job_epsilon", "delta"), ("accountant",)),
+        **_fields(
+            values["privacy"],
+            where,
+            ("scope", "lifetime_epsilon", "max_job_epsilon", "delta"),
+            ("accountant", "min_aggregate_sites"),
+        ),
         source=where,
     )
     return HospitalConfig(**values, source=source)
