@@ -310,3 +310,22 @@ def test_local_client_dp_noises_the_update(small_site):
     outcome = run_site_round(small_site, get_weights(build_cxr_model()), 0, 2, cfg, ModelConfig(), privacy=privacy)
     # clipped to 1.0, then noise of std z*1.0 on every coordinate: the norm is far above the clip
     assert update_norm(outcome.weights) > 10 * privacy.dp.clip_norm
+
+
+@pytest.mark.parametrize("mechanism,eps", [("sample", 8.0), ("sample", 1.0), ("client-local", 3.0)])
+def test_the_target_epsilon_is_the_total_of_training_and_metric_releases(mechanism, eps):
+    rounds = 4
+    privacy = SitePrivacy(DPConfig(mechanism, eps), ModelConfig(), TrainConfig(batch_size=64), 300, rounds, "s")
+    planned = list(privacy.planned_releases().values())
+    total = epsilon_of(planned, 1e-5)
+    assert eps - 0.01 <= total <= eps  # the whole job, every release included, never above
+    # a ledger's recomposition from one entry per mechanism and round gives the same figure
+    per_round = [r for _ in range(rounds) for r in privacy.round_releases().values()]
+    assert epsilon_of(per_round, 1e-5) <= eps and abs(epsilon_of(per_round, 1e-5) - total) < 1e-9
+    assert epsilon_of([privacy.planned_releases()["metrics"]], 1e-5) <= privacy.dp.metrics_budget
+
+
+def test_metric_releases_take_at_most_an_eighth_of_the_job():
+    assert DPConfig("sample", 8.0).metrics_budget == 1.0
+    assert DPConfig("sample", 1.0).metrics_budget == 0.125
+    assert DPConfig("sample", 8.0, metrics_epsilon=0.5).metrics_budget == 0.5
