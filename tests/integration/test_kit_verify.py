@@ -168,12 +168,28 @@ def test_allow_list_that_refuses_the_bundle_fails(kits, tmp_path):
     kit = _copy(kits, "localhost", tmp_path)
     path = kit / "local" / "resources.json"
     resources = json.loads(path.read_text())
-    resources["class_allow_list"] = [e for e in resources["class_allow_list"] if e != "hospital_fl."]
+    executor = "hospital_fl.flare.executor.CXRTrainExecutor"
+    resources["class_allow_list"] = [e for e in resources["class_allow_list"] if e != executor]
     path.write_text(json.dumps(resources))
 
     classes = _check(verify_kit(kit), "classes")
 
-    assert not classes.ok and "refuses ['hospital_fl.']" in classes.detail
+    assert not classes.ok and f"refuses ['{executor}']" in classes.detail
+
+
+def test_allow_list_with_a_package_prefix_warns(kits, tmp_path):
+    # kits issued before exact classes allowed "hospital_fl.", and with it every function of the package
+    kit = _copy(kits, "hospital-a", tmp_path)
+    path = kit / "local" / "resources.json"
+    resources = json.loads(path.read_text())
+    resources["class_allow_list"] = ["hospital_fl.", *resources["class_allow_list"]]
+    path.write_text(json.dumps(resources))
+
+    classes = _check(verify_kit(kit), "classes")
+
+    assert classes.ok and classes.warn
+    assert "admits more than the bundle's classes: ['hospital_fl.']" in classes.detail
+    assert "list exact classes instead" in classes.fix
 
 
 def test_certificates_expired_in_2100(kits):

@@ -1,6 +1,7 @@
 """From provisioned kits to a finished job on loopback: the kits' own start scripts, the
 admin API, and the refusals a consortium relies on (foreign CA, tampered kit, a role
-without submit rights, a privacy scope or job type a site does not allow)."""
+without submit rights, a privacy scope or job type a site does not allow, a component class
+no site approved)."""
 
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ from hospital_fl.flare.poc import (
 )
 from hospital_fl.flare.profile_job import ProfileRecipe
 from hospital_fl.flare.provision import add_site, provision
+from hospital_fl.privacy.setup import init_site_privacy
 from hospital_fl.provisioning.rehearsal import MEMBER, PROJECT_ADMIN, loopback_site_configs, write_site_configs
 from nvflare.fuel.flare_api.api_spec import AuthorizationError
 from nvflare.fuel.flare_api.flare_api import new_secure_session
@@ -74,6 +76,31 @@ def test_a_tiny_job_runs_from_the_kits_start_scripts(consortium):
         assert sorted(site["site"] for site in entry["sites"]) == ["site-1", "site-2"]
         assert all(site["accepted"] for site in entry["sites"])
     assert run.global_model_path.is_file()
+
+
+def test_a_job_naming_bundle_functions_is_refused_at_deploy_and_runs_nothing(consortium):
+    root, _, issued, live = consortium
+    site_1 = issued.out_dir / "kits" / "site-1"
+    init_site_privacy(site_1, "site-1")  # keeps a ledger the first job made
+    ledger = {p.name: p.read_bytes() for p in (site_1 / "privacy").iterdir()}
+    target, fresh = root / "written_by_a_job.sh", root / "fresh_site"
+    harm = {
+        "hospital_fl.flare.provision.write": {"file_full_path": str(target), "content": "x", "mode": "t", "exe": True},
+        "hospital_fl.flare.jobs.export_recipe": {"recipe": "any", "name": "privacy", "jobs_dir": str(site_1)},
+        "hospital_fl.privacy.setup.init_site_privacy": {"workspace_root": str(fresh), "site": "site-1"},
+    }
+    job = _for_sites(export_job(TINY_JOB, root / "jobs_functions"), ["site-1", "site-2"])
+    client_file = job / "app" / "config" / "config_fed_client.json"
+    client = json.loads(client_file.read_text())
+    client["components"] += [{"id": f"harm{i}", "path": path, "args": a} for i, (path, a) in enumerate(harm.items())]
+    client_file.write_text(json.dumps(client))
+
+    refusal = _deploy_refusal(live, submit_folder(live.session, job))
+
+    assert "site-1 refuses the job: component 'hospital_fl.flare.provision.write' at components[1].path" in refusal
+    assert "is not an approved class" in refusal
+    assert not target.exists() and not fresh.exists()
+    assert {p.name: p.read_bytes() for p in (site_1 / "privacy").iterdir()} == ledger
 
 
 def test_a_member_cannot_submit_a_job(consortium):

@@ -95,7 +95,7 @@ def test_each_hospital_kit_carries_its_local_policies(example_kits):
         assert manager["args"]["num_of_gpus"] == hospital.resources.num_of_gpus
         assert manager["args"]["mem_per_gpu_in_GiB"] == hospital.resources.mem_per_gpu_in_GiB
         assert {c["id"] for c in resources["components"]} >= {"resource_consumer", "process_launcher"}
-        assert set(BUNDLE_ALLOW_LIST) <= set(resources["class_allow_list"])
+        assert resources["class_allow_list"] == list(BUNDLE_ALLOW_LIST)  # exact classes, no package prefix
 
         privacy = json.loads((local / "privacy.json").read_text())
         assert privacy["default_scope"] == hospital.privacy.scope
@@ -125,7 +125,7 @@ def test_each_hospital_kit_carries_its_local_policies(example_kits):
 def test_the_server_runs_the_bundle_but_holds_no_hospital_policy(example_kits):
     local = example_kits.out_dir / "kits" / "localhost" / "local"
 
-    assert set(BUNDLE_ALLOW_LIST) <= set(json.loads((local / "resources.json").read_text())["class_allow_list"])
+    assert json.loads((local / "resources.json").read_text())["class_allow_list"] == list(BUNDLE_ALLOW_LIST)
     assert not (local / "privacy.json").exists() and not (local / "hospital_fl_privacy.json").exists()
 
 

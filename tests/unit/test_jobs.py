@@ -3,7 +3,9 @@ and is allowed by the bundle's site policy (so no BYOC code is needed at a hospi
 
 import filecmp
 import importlib
+import inspect
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -12,8 +14,11 @@ from hospital_fl.compression.codecs import CompressionConfig
 from hospital_fl.data.splits import SplitConfig
 from hospital_fl.errors import InputError
 from hospital_fl.flare.jobs import STANDARD_JOBS, JobSpec, export_standard_jobs, read_job_folder
-from hospital_fl.flare.site_policy import allow_bundle_components, is_allowed
+from hospital_fl.flare.profile_job import ProfileRecipe
+from hospital_fl.flare.site_policy import BUNDLE_ALLOW_LIST, allow_bundle_components, is_allowed, wider_entries
 from hospital_fl.privacy.config import DPConfig
+from hospital_fl.provisioning.allowed_components import APPROVED_CLASSES, FLARE_INJECTED, class_references
+from hospital_fl.provisioning.job_types import EXECUTOR_JOB_TYPES
 
 JOBS = Path(__file__).resolve().parents[2] / "jobs"
 
@@ -97,15 +102,86 @@ def test_fedprox_without_mu_is_refused():
 
 
 def test_site_policy_keeps_existing_settings_and_adds_the_bundle(tmp_path):
-    (tmp_path / "resources.json").write_text(json.dumps({"format_version": 2, "max_jobs": 3}))
+    (tmp_path / "resources.json").write_text(
+        json.dumps({"format_version": 2, "max_jobs": 3, "class_allow_list": ["hospital_fl.", "site_pkg.Exec"]})
+    )
 
     allow_bundle_components(tmp_path)
     allow_bundle_components(tmp_path)  # idempotent
 
     resources = json.loads((tmp_path / "resources.json").read_text())
     assert resources["max_jobs"] == 3
-    assert resources["class_allow_list"].count("hospital_fl.") == 1
+    # the site's own entry stays; the package prefix of older kits goes, the bundle's exact classes come
+    assert resources["class_allow_list"] == ["site_pkg.Exec", *BUNDLE_ALLOW_LIST]
     assert not is_allowed("evil_pkg.Exec")
+    assert not is_allowed("hospital_fl.flare.provision.write")
+
+
+def test_a_provisioned_site_allows_exactly_the_bundle_classes(tmp_path):
+    (tmp_path / "resources.json.default").write_text(json.dumps({"format_version": 2, "class_allow_list": ["a.B"]}))
+
+    allow_bundle_components(tmp_path, exact=True)
+
+    assert json.loads((tmp_path / "resources.json").read_text())["class_allow_list"] == list(BUNDLE_ALLOW_LIST)
+    assert wider_entries(["hospital_fl.", "torch.", "hospital_fl.flare.provision.write", *BUNDLE_ALLOW_LIST]) == [
+        "hospital_fl.",
+        "torch.",
+        "hospital_fl.flare.provision.write",
+    ]
+
+
+def _job_configs():
+    """Every config of every job the bundle ships: the exported folders and the profile job."""
+    return {
+        f"{cfg.parent.parent.parent.name}/{cfg.name}": json.loads(cfg.read_text())
+        for cfg in sorted(JOBS.glob("*/app*/config/config_fed_*.json"))
+    }
+
+
+def test_the_allow_list_is_exactly_what_the_jobs_build(tmp_path):
+    configs = _job_configs()
+    ProfileRecipe("/data/{site}", num_sites=2).export(str(tmp_path))
+    for cfg in sorted(tmp_path.glob("*/app*/config/config_fed_*.json")):
+        configs[f"profile/{cfg.name}"] = json.loads(cfg.read_text())
+    assert len(configs) == 2 * (len(list(JOBS.glob("*/meta.json"))) + 1)  # server and client, every job
+
+    used = {}
+    for label, config in configs.items():
+        for where, value in class_references(config):
+            assert value in APPROVED_CLASSES, f"{label} {where} = {value!r} is not on the allow list"
+            used.setdefault(value, label)
+
+    unused = APPROVED_CLASSES - set(used) - set(FLARE_INJECTED)
+    assert not unused, f"{sorted(unused)} are allowed but no job builds them"
+    assert set(EXECUTOR_JOB_TYPES) <= set(used)  # every job type has a job
+    assert set(BUNDLE_ALLOW_LIST) == APPROVED_CLASSES
+
+
+def test_the_security_page_lists_exactly_the_allowed_classes():
+    page = (JOBS.parent / "docs" / "security" / "job-components.md").read_text()
+    table = re.findall(r"^\| `([\w.]+)` \|", page, flags=re.MULTILINE)
+
+    assert sorted(table) == sorted(APPROVED_CLASSES)
+
+
+@pytest.mark.parametrize("path", sorted(APPROVED_CLASSES))
+def test_every_allowed_entry_is_a_class(path):
+    module, _, name = path.rpartition(".")
+    assert inspect.isclass(getattr(importlib.import_module(module), name)), f"{path} is not a class"
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "hospital_fl.flare.provision.write",
+        "hospital_fl.flare.jobs.export_recipe",
+        "hospital_fl.privacy.setup.init_site_privacy",
+    ],
+)
+def test_the_bundle_functions_are_not_allowed(path):
+    module, _, name = path.rpartition(".")
+    assert inspect.isfunction(getattr(importlib.import_module(module), name))
+    assert path not in APPROVED_CLASSES and not is_allowed(path)
 
 
 @pytest.mark.parametrize("job", sorted(STANDARD_JOBS))

@@ -39,7 +39,7 @@ from nvflare.lighter.utils import verify_content, verify_folder_signature
 from nvflare.security.security import FLAuthorizer
 
 from hospital_fl.errors import InputError
-from hospital_fl.flare.site_policy import BUNDLE_ALLOW_LIST, is_allowed
+from hospital_fl.flare.site_policy import BUNDLE_ALLOW_LIST, is_allowed, wider_entries
 from hospital_fl.provisioning.certificates import (
     ROOT_CA,
     Credentials,
@@ -638,6 +638,10 @@ def _allow_list_state(resources: dict) -> KitCheck:
         detail = f"{CLASS_ALLOW_LIST} is {ALLOW_ALL!r}: jobs may build any class"
         return KitCheck(name, True, detail, f"list the allowed classes instead, or {reprovision}", warn=True)
     refused = [entry for entry in BUNDLE_ALLOW_LIST if not is_allowed(entry, allow_list)]
+    wide = wider_entries(allow_list)
+    if not refused and wide:  # e.g. the "hospital_fl." prefix of older kits: jobs could call its functions
+        detail = f"{CLASS_ALLOW_LIST} admits more than the bundle's classes: {wide} (FLARE builds what they cover)"
+        return KitCheck(name, True, detail, f"list exact classes instead; {reprovision}", warn=True)
     if not refused:
         detail = f"{CLASS_ALLOW_LIST} ({len(allow_list)} entries, {mode.value}) admits the bundle's job classes"
         return KitCheck(name, True, detail)

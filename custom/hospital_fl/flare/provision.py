@@ -147,8 +147,9 @@ class HospitalKitBuilder(Builder):
             ``resources`` (GPUResourceManager's num_of_gpus and mem_per_gpu_in_GiB),
             ``docker_image`` and ``data_root`` (for startup/docker.sh). Rendered by
             hospital_fl.provisioning.project.site_policies.
-        bundle_participants: participants whose local/resources.json gets the bundle's
-            class allow list (hospital_fl.flare.site_policy), so they run its jobs.
+        bundle_participants: participants whose local/resources.json class allow list is
+            exactly the bundle's classes (hospital_fl.flare.site_policy), so they run its jobs
+            and nothing else.
         hospitals: hospitals in the consortium, written into HE kits (default: this
             project's clients; more when a hospital is added to issued kits).
     """
@@ -169,7 +170,7 @@ class HospitalKitBuilder(Builder):
         for participant in project.get_all_participants():
             local = Path(ctx.get_local_dir(participant))
             if participant.name in self.bundle_participants:
-                allow_bundle_components(local)
+                allow_bundle_components(local, exact=True)  # the bundle's classes, nothing else
             if participant.type == ParticipantType.SERVER:
                 _edit_json(local / "resources.json", with_job_auditor)
             site = self.sites.get(participant.name)
