@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 
@@ -45,8 +46,8 @@ def _cmd_ingest(args) -> int:
         burned_in=args.burned_in,
         workers=args.workers,
         deidentify_to=args.deidentify_to,
-    )
         copy_burned_in=args.copy_burned_in,
+    )
     labels = read_labels(args.labels)
     consent = read_consent(args.consent)
     result = ingest(args.dicom_dir, labels, args.out, consent, cfg, progress_factory=_progress_factory("decoding"))
@@ -101,12 +102,38 @@ def _cmd_site_check(args) -> int:
 
 
 def _cmd_site_profile(args) -> int:
+    import secrets
+    import time
+
     from rich.console import Console
 
     from hospital_fl.data.ingest.profile import ProfileConfig
     from hospital_fl.data.ingest.profile_site import profile_site
+    from hospital_fl.flare.profile_job import MAX_PROFILE_EPSILON, PROFILE_MECHANISM
+    from hospital_fl.privacy.ledger import PrivacyLedger, Spend
+    from hospital_fl.privacy.policy import SITE_POLICY_FILE, check_release, read_site_policy
 
+    home = Path(args.site_home)
+    policy = read_site_policy(home / "local")
+    if policy is None:
+        raise InputError(
+            "--site-home",
+            str(home),
+            f"it holds no local/{SITE_POLICY_FILE}, so the release could not be checked against the site's budget",
+            f"run `hospital-fl privacy init {home} --site SITE` first, or pass the site's kit or workspace root",
+        )
+    if policy.max_job_epsilon is None or policy.max_job_epsilon > MAX_PROFILE_EPSILON:
+        policy = dataclasses.replace(policy, max_job_epsilon=MAX_PROFILE_EPSILON)
+    ledger = PrivacyLedger(policy.ledger_path(home))
+    ledger.check_against_audit()
     exact, released = profile_site(args.site_data, ProfileConfig(epsilon=args.epsilon))
+    # checked against the caps and recorded before the release is written out
+    job = f"site-profile@{time.strftime('%Y-%m-%dT%H:%M:%S')}-{secrets.token_hex(3)}"
+    ledger.spend(
+        job,
+        [Spend.laplace(PROFILE_MECHANISM, args.epsilon)],
+        lambda before, after: check_release(policy, job, before, after, {PROFILE_MECHANISM: 1}),
+    )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(released.to_dict(), indent=1))
@@ -198,6 +225,12 @@ def add_site_commands(sub: argparse._SubParsersAction) -> None:
     profile = ssub.add_parser("profile", help="the site's data profile, released with differential-privacy noise")
     profile.add_argument("site_data", help="the site dataset folder made by ingest")
     profile.add_argument("--epsilon", type=float, default=1.0, help="epsilon of this release (default 1)")
+    profile.add_argument(
+        "--site-home",
+        required=True,
+        help="the site's kit or workspace root (holds local/hospital_fl_privacy.json and the privacy ledger): "
+        "the release is checked against its budget and recorded there",
+    )
     profile.add_argument("--out", default="site_profile.json", help="the release to send (default site_profile.json)")
     profile.set_defaults(func=_cmd_site_profile, command="site profile")
     compare = ssub.add_parser("compare", help="compare released site profiles; flag label and covariate shift")

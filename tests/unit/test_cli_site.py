@@ -69,11 +69,13 @@ def test_audit_profile_and_compare(tmp_path, federated_data, capsys):
     audit = json.loads(capsys.readouterr().out)
     assert [r["job_id"] for r in audit["jobs_using_patients_without_consent"]] == ["job-7"]
 
-    for name in ("a", "b"):
-        assert (
-            main(["site", "profile", str(tmp_path / "site"), "--epsilon", "2", "--out", str(tmp_path / f"{name}.json")])
-            == 0
-        )
+    assert main(["privacy", "init", str(tmp_path / "kit"), "--site", "site-1", "--job-epsilon", "3"]) == 0
+    for name in ("a", "b"):  # each release checked against the site's budget and recorded in its ledger
+        args = ["site", "profile", str(tmp_path / "site"), "--epsilon", "2", "--out", str(tmp_path / f"{name}.json")]
+        assert main([*args, "--site-home", str(tmp_path / "kit")]) == 0
+    capsys.readouterr()
+    assert main(["site", "profile", str(tmp_path / "site"), "--epsilon", "4", "--site-home", str(tmp_path / "kit")]) == 2
+    assert "max_job_epsilon=3" in capsys.readouterr().err  # above the site's cap: refused, nothing written
     released = json.loads((tmp_path / "a.json").read_text())
     assert released["noised"] is True and released["epsilon"] == 2
     capsys.readouterr()

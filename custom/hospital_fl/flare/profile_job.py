@@ -4,11 +4,17 @@ Each site computes its profile from its ingested dataset (consented patients onl
 sends only the differentially private release (Laplace noise, the site's epsilon); the
 server compares the releases and writes site_profiles.json (every release and the shift
 report) into its run folder. No image, identifier or exact count leaves a site.
+
+A release spends privacy: it is checked against the site's caps and recorded in the site's
+ledger as a pure-epsilon (Laplace) entry before it leaves, once per job (a server asking twice
+is refused). ``max_job_epsilon`` caps it, and a site that sets no per-job cap still never
+releases a profile above ``MAX_PROFILE_EPSILON``.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 from nvflare.apis.controller_spec import Task
@@ -25,11 +31,22 @@ from hospital_fl.data.ingest.profile import ProfileConfig, ShiftConfig, SiteProf
 from hospital_fl.data.ingest.profile_site import profile_site
 from hospital_fl.data.ingest.site_dataset import site_data_path
 from hospital_fl.errors import InputError
-from hospital_fl.flare.simulate import simulator_env
+from hospital_fl.data.splits import site_names
+from hospital_fl.flare.privacy_gate import (
+    PRIVACY_HOME_ENV,
+    SitePrivacyGate,
+    open_release_gate,
+    refusal_reply,
+)
+from hospital_fl.flare.simulate import environment, simulator_env
 from hospital_fl.flare.site_policy import allow_bundle_components
+from hospital_fl.privacy.ledger import Spend
+from hospital_fl.privacy.setup import init_site_privacy
 
 __all__ = [
     "PROFILE_TASK",
+    "PROFILE_MECHANISM",
+    "MAX_PROFILE_EPSILON",
     "RESULT_FILE",
     "ProfileComparison",
     "ProfileRecipe",
@@ -39,6 +56,10 @@ __all__ = [
 
 PROFILE_TASK = "site_profile"
 RESULT_FILE = "site_profiles.json"
+PROFILE_MECHANISM = "profile"  # a Laplace (pure epsilon) entry in the site's ledger
+# The bundle's ceiling for one profile release where the site sets no max_job_epsilon: at
+# epsilon 10 the Laplace noise on a count is about 0.1 patient already.
+MAX_PROFILE_EPSILON = 10.0
 
 
 class SiteProfileExecutor(Executor):
@@ -53,17 +74,24 @@ class SiteProfileExecutor(Executor):
         super().__init__()
         self.site_data, self.epsilon = site_data, epsilon
         self.cfg = ProfileConfig(epsilon=epsilon)
+        self._gate: SitePrivacyGate | None = None
 
     def execute(self, task_name: str, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
         if task_name != PROFILE_TASK:
             return make_reply(ReturnCode.TASK_UNKNOWN)
         name = fl_ctx.get_identity_name()
         try:
+            if self._gate is None:  # one gate per job: its allowance is one release
+                self._gate = open_release_gate(fl_ctx, {PROFILE_MECHANISM: 1}, max_job_epsilon=MAX_PROFILE_EPSILON)
+            # Checked and recorded before the data is even read: a refused release touches nothing.
+            # A profile that then fails to compute over-reports one release, never under-reports.
+            job_epsilon = self._gate.spend([Spend.laplace(PROFILE_MECHANISM, self.epsilon)])
             _, released = profile_site(site_data_path(self.site_data, name), self.cfg)
         except (InputError, ValueError) as err:
-            self.log_error(fl_ctx, f"site profile refused at {name}: {err}")
-            return make_reply(ReturnCode.EXECUTION_EXCEPTION)
-        self.log_info(fl_ctx, f"released the site profile with Laplace noise at epsilon {self.epsilon}")
+            reason = f"site profile refused at {name}: {err}"
+            self.log_error(fl_ctx, reason)
+            return refusal_reply(reason)
+        self.log_info(fl_ctx, f"released the site profile with Laplace noise at epsilon {job_epsilon} (recorded)")
         reply = make_reply(ReturnCode.OK)
         reply["profile"] = released.to_dict()
         return reply
@@ -132,13 +160,31 @@ class ProfileRecipe(Recipe):
         super().__init__(job)
 
 
-def run_profile_in_simulator(site_data: str, num_sites: int, workspace_root: str | Path, epsilon: float = 1.0) -> dict:
-    """Run the profile comparison with site-1..site-N as simulated FLARE clients; returns site_profiles.json."""
+def run_profile_in_simulator(
+    site_data: str,
+    num_sites: int,
+    workspace_root: str | Path,
+    epsilon: float = 1.0,
+    privacy_home: str | Path | None = None,
+) -> dict:
+    """Run the profile comparison with site-1..site-N as simulated FLARE clients; returns site_profiles.json.
+
+    ``privacy_home``: where the simulated sites keep their privacy policy and ledger
+    (``<privacy_home>/<site>/``), kept across runs; default: a fresh folder per run.
+    """
     workspace_root = Path(workspace_root).resolve()
     name = "site_profiles"
     env = simulator_env(workspace_root, name, num_sites)
     allow_bundle_components(workspace_root / name / "local")
-    ProfileRecipe(site_data, num_sites, epsilon, name).run(env)
+    if privacy_home is None:
+        home = workspace_root / f"{name}.privacy"
+        shutil.rmtree(home, ignore_errors=True)
+    else:
+        home = Path(privacy_home).resolve()
+    for site in site_names(num_sites):
+        init_site_privacy(home / site, site)
+    with environment({PRIVACY_HOME_ENV: str(home)}):
+        ProfileRecipe(site_data, num_sites, epsilon, name).run(env)
     found = sorted((workspace_root / name).rglob(RESULT_FILE))
     if not found:
         raise RuntimeError(

@@ -9,6 +9,10 @@ hospital_fl.segmentation.site_round; this class only converts FLARE messages.
 
 Like the CXR executor it also answers an HE job's ``sample_count`` and final ``validate``
 tasks, so the HE filters (hospital_fl.flare.he) and compression filters apply unchanged.
+
+Segmentation training has no differential privacy in this bundle, so the executor passes the
+site's privacy gate as a job without DP: a site whose policy requires DP refuses it before
+anything trains, and answers every task with the reason and the fix.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from nvflare.app_common.utils.fl_model_utils import FLModelUtils
 from hospital_fl.data.ingest.site_dataset import site_data_path
 from hospital_fl.errors import InputError
 from hospital_fl.flare.executor import SAMPLE_COUNT_TASK, TRAIN_TASK, VALIDATE_TASK, keep_final_model
+from hospital_fl.flare.privacy_gate import refusal_reply, refuse_without_dp
 from hospital_fl.models.seg import SegModelConfig, build_seg_model
 from hospital_fl.segmentation.datalist import DatalistReport, validate_datalist
 from hospital_fl.segmentation.pipeline import SegPipelineConfig, SegTrainConfig, evaluate
@@ -38,6 +43,10 @@ from hospital_fl.segmentation.site_round import run_seg_round, set_weights
 __all__ = ["SegTrainExecutor", "REPORT_FILE"]
 
 REPORT_FILE = "seg_datalist_report.json"
+NO_DP_FIX = (
+    "run segmentation only at hospitals whose privacy policy does not set require_dp (segmentation has no "
+    "DP-SGD in this bundle), or ask this site's privacy officer"
+)
 
 
 class SegTrainExecutor(Executor):
@@ -85,8 +94,14 @@ class SegTrainExecutor(Executor):
             self._prepare(fl_ctx)
 
     def _prepare(self, fl_ctx: FLContext) -> None:
-        """Validate the site's datalist before any task; keep the usable cases."""
+        """Pass the privacy gate and validate the site's datalist before any task; keep the usable cases."""
         site = fl_ctx.get_identity_name()
+        try:
+            refuse_without_dp(fl_ctx, "segmentation", NO_DP_FIX)
+        except InputError as err:
+            self._refusal = f"privacy gate refused this job at {site}: {err}"
+            self.log_error(fl_ctx, self._refusal)
+            return
         if self.train_cfg.torch_threads:
             torch.set_num_threads(self.train_cfg.torch_threads)
         try:
@@ -118,7 +133,7 @@ class SegTrainExecutor(Executor):
         if self._cases is None and self._refusal is None:  # START_RUN not seen (a unit harness)
             self._prepare(fl_ctx)
         if self._refusal is not None:
-            return make_reply(ReturnCode.EXECUTION_EXCEPTION)
+            return refusal_reply(self._refusal)
         train_cases, val_cases = self._cases["training"], self._cases["validation"]
         if task_name == SAMPLE_COUNT_TASK:
             return FLModelUtils.to_shareable(FLModel(params={}, meta={"n_samples": len(train_cases)}))

@@ -7,6 +7,13 @@ startup kit (never sent by a job):
 - a scope of FLARE's ``local/privacy.json``: ``"properties": {"hospital_fl_privacy": {...}}``
   with the same keys, applying to jobs submitted with that scope.
 A scope can only tighten the site config (smaller budgets, DP required), never loosen it.
+
+The policy in the site's kit is authoritative whenever it exists. An override folder named by
+an environment variable (``HOSPITAL_FL_PRIVACY_HOME``) may only tighten it
+(``resolve_site_policy``): caps are the smaller of the two, ``require_dp`` is OR-ed.
+
+``check_release`` is the cap every single release is held to, inside the ledger's lock: the
+job's own plan (approved when it started), ``max_job_epsilon`` and ``lifetime_epsilon``.
 """
 
 from __future__ import annotations
@@ -16,8 +23,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from hospital_fl.errors import InputError
-from hospital_fl.privacy.accounting import Release, epsilon_of
+from hospital_fl.privacy.accounting import Release
+from hospital_fl.privacy.budget import COMPOSITION_RULE, compose_epsilon
 from hospital_fl.privacy.config import ACCOUNTANTS, SITE_MECHANISMS
+from hospital_fl.privacy.ledger import LedgerEntry, entries_epsilon
 
 __all__ = [
     "SitePrivacyPolicy",
@@ -26,7 +35,9 @@ __all__ = [
     "SCOPE_PROPERTY",
     "policy_from_dict",
     "read_site_policy",
+    "resolve_site_policy",
     "check_job_budget",
+    "check_release",
 ]
 
 SITE_POLICY_FILE = "hospital_fl_privacy.json"  # in the site's local/ folder
@@ -98,17 +109,41 @@ def policy_from_dict(data: object, source: str) -> SitePrivacyPolicy:
     return policy
 
 
+def _policy_file(local_dir: str | Path) -> SitePrivacyPolicy | None:
+    file = Path(local_dir) / SITE_POLICY_FILE
+    if not file.is_file():
+        return None
+    try:
+        data = json.loads(file.read_text())
+    except json.JSONDecodeError as err:
+        raise InputError(str(file), f"line {err.lineno}", f"it is not valid JSON ({err.msg})", "fix it") from err
+    return policy_from_dict(data, str(file))
+
+
 def read_site_policy(local_dir: str | Path, scope_properties: dict | None = None) -> SitePrivacyPolicy | None:
     """The site's policy from its local/ folder, tightened by the job's privacy scope;
     None when the site has configured neither."""
-    file = Path(local_dir) / SITE_POLICY_FILE
-    policy = None
-    if file.is_file():
-        try:
-            data = json.loads(file.read_text())
-        except json.JSONDecodeError as err:
-            raise InputError(str(file), f"line {err.lineno}", f"it is not valid JSON ({err.msg})", "fix it") from err
-        policy = policy_from_dict(data, str(file))
+    return _scoped(_policy_file(local_dir), scope_properties)
+
+
+def resolve_site_policy(
+    kit_local_dir: str | Path, override_local_dir: str | Path | None, scope_properties: dict | None = None
+) -> tuple[SitePrivacyPolicy | None, bool]:
+    """(the site's effective policy, whether the kit holds one).
+
+    The kit's ``local/hospital_fl_privacy.json`` is authoritative when it exists: a policy in
+    ``override_local_dir`` (from an environment variable) then only tightens it, and the
+    ledger stays where the kit's policy puts it. Without a kit policy the override stands in
+    (sites that have no kit, e.g. simulated ones). The job's scope tightens either.
+    """
+    kit = _policy_file(kit_local_dir)
+    override = _policy_file(override_local_dir) if override_local_dir is not None else None
+    if kit is None:
+        return _scoped(override, scope_properties), False
+    return _scoped(kit if override is None else kit.tightened_by(override), scope_properties), True
+
+
+def _scoped(policy: SitePrivacyPolicy | None, scope_properties: dict | None) -> SitePrivacyPolicy | None:
     scoped = (scope_properties or {}).get(SCOPE_PROPERTY)
     if scoped is not None:
         scope_policy = policy_from_dict(scoped, f"privacy.json scope property {SCOPE_PROPERTY}")
@@ -129,6 +164,7 @@ def check_job_budget(
     spent_by_other_jobs: list[Release],
     mechanism: str,
     planned: list[Release],
+    other_pure: list[tuple[float, int]] = (),
 ) -> BudgetCheck:
     """Refuse (InputError) a job the policy does not allow, before it trains.
 
@@ -138,6 +174,7 @@ def check_job_budget(
         planned: every release the job will make at this site over all its rounds
             (training and metrics); what the ledger already holds for this job is part
             of the plan, not counted twice.
+        other_pure: the other jobs' pure-epsilon (Laplace) releases, as (epsilon, count).
     """
     if policy.require_dp and mechanism not in SITE_MECHANISMS:
         raise InputError(
@@ -147,9 +184,9 @@ def check_job_budget(
             "submit the job with --dp-epsilon (sample-level DP-SGD), or ask the site's privacy officer",
         )
     others = list(spent_by_other_jobs)
-    job_eps = epsilon_of(planned, policy.delta, policy.accountant)
-    before = epsilon_of(others, policy.delta, policy.accountant)
-    after = epsilon_of(others + list(planned), policy.delta, policy.accountant)
+    job_eps = compose_epsilon(planned, [], policy.delta, policy.accountant)
+    before = compose_epsilon(others, other_pure, policy.delta, policy.accountant)
+    after = compose_epsilon(others + list(planned), other_pure, policy.delta, policy.accountant)
     if policy.max_job_epsilon is not None and job_eps > policy.max_job_epsilon:
         raise InputError(
             "job privacy spend",
@@ -167,3 +204,62 @@ def check_job_budget(
             "or have the privacy officer raise lifetime_epsilon",
         )
     return BudgetCheck(job_eps, before, after, policy.lifetime_epsilon)
+
+
+def check_release(
+    policy: SitePrivacyPolicy,
+    job_id: str,
+    before: list[LedgerEntry],
+    after: list[LedgerEntry],
+    allowance: dict[str, int] | None = None,
+) -> float:
+    """Refuse (InputError) a release that would take the job or the site past a cap.
+
+    Called inside the ledger's lock with the entries as they are now (every job's latest
+    spend) and as they would be after the release. Returns the job's epsilon after it.
+
+    Args:
+        allowance: the releases per mechanism the job's plan announced and the site approved
+            when the job started; a job never spends beyond its plan (a server sending more
+            tasks than the job announced is refused here), None for no plan.
+    """
+    job_after = [e for e in after if e.job_id == job_id]
+    job_before = [e for e in before if e.job_id == job_id]
+    fix_job = (
+        "nothing was released or recorded: the job has spent what it may at this site; end it (a server that "
+        "sends more rounds than the job announced is refused here), or submit a new job with a smaller epsilon"
+    )
+    if allowance is not None:
+        for e in job_after:
+            allowed = allowance.get(e.mechanism, 0)
+            if e.steps > allowed:
+                raise InputError(
+                    f"privacy release of job {job_id}",
+                    f"{e.mechanism} release {e.steps}",
+                    f"the job's plan, approved when it started, covers {allowed} {e.mechanism} releases at this site",
+                    fix_job,
+                )
+    d, acc = policy.delta, policy.accountant
+    job_eps = entries_epsilon(job_after, d, acc)
+    if policy.max_job_epsilon is not None and job_eps > policy.max_job_epsilon:
+        raise InputError(
+            f"privacy release of job {job_id}",
+            f"job epsilon {job_eps:.4f}",
+            f"it would take the job from epsilon {entries_epsilon(job_before, d, acc):.4f} to {job_eps:.4f}, above "
+            f"this site's per-job budget max_job_epsilon={policy.max_job_epsilon} (delta={d}; {COMPOSITION_RULE})",
+            fix_job,
+        )
+    if policy.lifetime_epsilon is not None:
+        lifetime = entries_epsilon(after, d, acc)
+        if lifetime > policy.lifetime_epsilon:
+            spent = entries_epsilon(before, d, acc)
+            raise InputError(
+                f"privacy release of job {job_id}",
+                f"site epsilon {lifetime:.4f}",
+                f"the site has spent epsilon {spent:.4f} of its lifetime budget {policy.lifetime_epsilon} (every job "
+                f"included) and this release would bring it to {lifetime:.4f} (delta={d}; {COMPOSITION_RULE})",
+                "nothing was released or recorded; run jobs that spend less "
+                f"(about {max(policy.lifetime_epsilon - spent, 0):.3f} is left), or have the privacy officer "
+                "raise lifetime_epsilon",
+            )
+    return job_eps

@@ -1,0 +1,232 @@
+"""A site's privacy budget holds against a server that asks for more, jobs that race, a lead
+who asks for a huge epsilon, and a site operator's environment variable.
+
+Adversaries (DESIGN.md threat model): the server operator sends more train tasks than the job
+announced; a lead submits a profile job at epsilon 1e12 or a segmentation job to a site that
+requires DP; two jobs start together at one site; an operator points HOSPITAL_FL_PRIVACY_HOME at
+a looser policy. Every release is checked against the caps and recorded under the ledger's lock
+before anything leaves the site, so each attack is refused with the budget, the spend and the fix.
+
+Real components: the bundle's FLARE executors on real FLARE messages and a real FLARE
+Workspace (the site's kit folder), Opacus DP-SGD and accounting, the ledger's file lock across
+processes (multiprocessing).
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+from pathlib import Path
+
+import pytest
+from hospital_fl.flare import executor as executor_module
+from hospital_fl.flare.executor import CXRTrainExecutor
+from hospital_fl.flare.privacy_gate import PRIVACY_HOME_ENV, SitePrivacyGate
+from hospital_fl.flare.profile_job import PROFILE_TASK, SiteProfileExecutor
+from hospital_fl.flare.seg_executor import SegTrainExecutor
+from hospital_fl.models.cxr import build_cxr_model
+from hospital_fl.privacy.ledger import PrivacyLedger, Spend
+from hospital_fl.privacy.policy import SitePrivacyPolicy, check_job_budget
+from hospital_fl.privacy.setup import init_site_privacy
+from hospital_fl.training.loops import get_weights
+from nvflare.apis.fl_constant import ReservedKey, ReturnCode
+from nvflare.apis.fl_context import FLContext
+from nvflare.apis.shareable import ReservedHeaderKey, Shareable
+from nvflare.apis.signal import Signal
+from nvflare.apis.workspace import Workspace
+from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
+from nvflare.app_common.utils.fl_model_utils import FLModelUtils
+
+FAST = {"augment": False, "device": "cpu", "torch_threads": 1, "epochs": 1}
+SITE = "site-3"  # a small embedded hospital: DP-SGD rounds take a second
+
+
+class _Engine:
+    """What an executor asks FLARE's client engine for: the site's workspace."""
+
+    def __init__(self, root: Path):
+        self.workspace = Workspace(str(root), SITE)
+
+    def get_workspace(self) -> Workspace:
+        return self.workspace
+
+    def fire_event(self, event_type, fl_ctx) -> None:  # the executor's log events go nowhere here
+        pass
+
+
+def _ctx(kit: Path, job_id: str = "job-1") -> FLContext:
+    ctx = FLContext()
+    ctx.set_prop(ReservedKey.IDENTITY_NAME, SITE, private=False, sticky=False)
+    ctx.set_prop(ReservedKey.RUN_NUM, job_id, private=False, sticky=False)
+    ctx.set_prop(ReservedKey.ENGINE, _Engine(kit), private=True, sticky=False)
+    return ctx
+
+
+def _train_task(weights, current_round: int, total_rounds: int) -> Shareable:
+    model = FLModel(
+        params_type=ParamsType.FULL,
+        params=weights,
+        current_round=current_round,
+        total_rounds=total_rounds,
+    )
+    return FLModelUtils.to_shareable(model)
+
+
+def _refusal(reply: Shareable) -> str:
+    assert reply.get_return_code() == ReturnCode.EXECUTION_EXCEPTION
+    assert set(reply.keys()) <= {ReservedHeaderKey.HEADERS}  # nothing but the error is sent
+    return str(reply.get_header(ReservedHeaderKey.ERROR))
+
+
+def _kit(tmp_path: Path, **policy) -> Path:
+    kit = tmp_path / "kit"
+    (kit / "startup").mkdir(parents=True)  # a FLARE workspace holds its kit's startup/ folder
+    init_site_privacy(kit, SITE, SitePrivacyPolicy(**policy))
+    return kit
+
+
+def _ledger(kit: Path) -> PrivacyLedger:
+    return PrivacyLedger(kit / "privacy" / "ledger.json")
+
+
+# -- a server that sends more rounds than it announced -------------------------------------------
+def test_a_server_sending_twice_the_announced_rounds_is_refused_at_the_cap(tmp_path):
+    kit = _kit(tmp_path, max_job_epsilon=4.0, lifetime_epsilon=30.0)
+    executor = CXRTrainExecutor(train=FAST, privacy={"mechanism": "sample", "target_epsilon": 4.0}, num_rounds=2)
+    ctx = _ctx(kit)
+    weights = get_weights(build_cxr_model())
+
+    # The job announced 2 rounds; the server sends 4 train tasks, each announcing 2 in total.
+    replies = [executor.execute("train", _train_task(weights, r, 2), ctx, Signal()) for r in range(4)]
+
+    assert [r.get_return_code() for r in replies[:2]] == [ReturnCode.OK, ReturnCode.OK]
+    for reply in replies[2:]:
+        reason = _refusal(reply)
+        assert "job's plan, approved when it started" in reason and "Fix:" in reason
+    job_eps = _ledger(kit).epsilon(1e-5)
+    assert 3.9 < job_eps <= 4.0  # what 2 rounds spend; the extra tasks released and recorded nothing
+    assert _ledger(kit).audit_problems() == []
+
+
+def test_the_per_job_cap_holds_release_by_release_even_without_a_plan(tmp_path):
+    """A job whose plan was generous (or a gate opened without one) still stops at max_job_epsilon."""
+    kit = _kit(tmp_path, max_job_epsilon=3.0)
+    policy = SitePrivacyPolicy(max_job_epsilon=3.0)
+    gate = SitePrivacyGate("job-x", policy, _ledger(kit), None, None)
+    spent, refused = [], None
+    for _ in range(100):
+        try:
+            spent.append(gate.spend([Spend.gaussian("sample", (1.0, 0.05, 20))]))
+        except Exception as err:  # noqa: BLE001 - the refusal is the point
+            refused = err
+            break
+    assert refused is not None and "above this site's per-job budget max_job_epsilon=3.0" in str(refused)
+    assert "nothing was released or recorded" in str(refused)
+    assert spent and max(spent) <= 3.0
+    assert _ledger(kit).epsilon(1e-5) == pytest.approx(spent[-1], abs=1e-12)  # the refused release left no trace
+
+
+# -- two jobs that race at one site ---------------------------------------------------------------
+ROUNDS, STEPS = 20, 20  # one job: epsilon 7.42 at (1.0, 0.05), fits 8.0 alone; two: 10.61, do not
+
+
+def _job_process(ledger_path: str, job: str, lifetime: float, barrier, results) -> None:
+    done, refused = 0, ""
+    try:
+        policy = SitePrivacyPolicy(lifetime_epsilon=lifetime)
+        ledger = PrivacyLedger(ledger_path)
+        # Both jobs pass the start-of-job check: each alone fits the lifetime budget.
+        check_job_budget(policy, ledger.releases(), "sample", [(1.0, 0.05, ROUNDS * STEPS)])
+        gate = SitePrivacyGate(job, policy, ledger, None, {"sample": ROUNDS * STEPS})
+        barrier.wait(timeout=30)
+        for _ in range(ROUNDS):
+            gate.spend([Spend.gaussian("sample", (1.0, 0.05, STEPS))])
+            done += 1
+    except Exception as err:  # noqa: BLE001 - the refusal is the point
+        refused = str(err)
+    results.put((job, done, refused))
+
+
+def test_two_concurrent_jobs_cannot_together_exceed_the_lifetime_budget(tmp_path):
+    kit = _kit(tmp_path, lifetime_epsilon=8.0)
+    path = str(_ledger(kit).path)
+    ctx = multiprocessing.get_context("fork")
+    barrier, results = ctx.Barrier(2), ctx.Queue()
+    procs = [ctx.Process(target=_job_process, args=(path, j, 8.0, barrier, results)) for j in ("job-a", "job-b")]
+    for p in procs:
+        p.start()
+    outcome = [results.get(timeout=60) for _ in procs]
+    for p in procs:
+        p.join(timeout=60)
+
+    lifetime = _ledger(kit).epsilon(1e-5)
+    assert 7.0 < lifetime <= 8.0
+    assert any("lifetime budget 8.0" in refused for _, _, refused in outcome), outcome
+    assert sum(done for _, done, _ in outcome) < 2 * ROUNDS and all(done > 0 for _, done, _ in outcome), outcome
+    assert _ledger(kit).audit_problems() == []  # every accepted release, and only those, on the trail
+
+
+# -- a lead's job that asks for a huge epsilon, or none -------------------------------------------
+def test_a_profile_job_asking_for_epsilon_1e12_is_refused_and_nothing_is_recorded(tmp_path):
+    kit = _kit(tmp_path, max_job_epsilon=8.0)
+    executor = SiteProfileExecutor(site_data=str(tmp_path / "no-data-needed"), epsilon=1e12)
+
+    reply = executor.execute(PROFILE_TASK, Shareable(), _ctx(kit), Signal())
+
+    reason = _refusal(reply)
+    assert "max_job_epsilon=8.0" in reason and "1000000000000" in reason.replace(".0000", "")
+    assert "profile" not in reply
+    assert _ledger(kit).entries() == []
+
+
+def test_a_site_without_a_per_job_cap_still_refuses_an_unbounded_profile(tmp_path):
+    kit = _kit(tmp_path)  # no caps at all
+    reply = SiteProfileExecutor(site_data="x", epsilon=1e12).execute(PROFILE_TASK, Shareable(), _ctx(kit), Signal())
+    assert "max_job_epsilon=10.0" in _refusal(reply)
+
+
+def test_a_segmentation_job_at_a_require_dp_site_is_refused_before_it_trains(tmp_path):
+    kit = _kit(tmp_path, require_dp=True)
+    executor = SegTrainExecutor(datalist=str(tmp_path / "never-read.json"))
+
+    reply = executor.execute("train", Shareable(), _ctx(kit), Signal())
+
+    reason = _refusal(reply)
+    assert "requires differential privacy" in reason and "segmentation" in reason and "Fix:" in reason
+    assert executor._cases is None  # the datalist was never read, nothing trained
+
+
+# -- an environment variable that tries to loosen the signed policy -------------------------------
+def _plain_job_reply(kit: Path) -> Shareable:
+    executor = CXRTrainExecutor(train=FAST)
+    return executor.execute("train", _train_task(get_weights(build_cxr_model()), 0, 1), _ctx(kit), Signal())
+
+
+def test_the_env_override_cannot_loosen_the_kits_policy(tmp_path, monkeypatch):
+    kit = _kit(tmp_path, require_dp=True, max_job_epsilon=2.0)
+    loose = tmp_path / "override" / SITE / "local"
+    loose.mkdir(parents=True)
+    (loose / "hospital_fl_privacy.json").write_text(json.dumps({"require_dp": False, "max_job_epsilon": 100}))
+    monkeypatch.setenv(PRIVACY_HOME_ENV, str(tmp_path / "override"))
+    trained = []
+    monkeypatch.setattr(executor_module, "run_site_round", lambda *a, **k: trained.append(1))
+
+    assert "requires differential privacy" in _refusal(_plain_job_reply(kit))  # require_dp stays on
+    dp = CXRTrainExecutor(train=FAST, privacy={"mechanism": "sample", "target_epsilon": 8.0}, num_rounds=1)
+    reason = _refusal(dp.execute("train", _train_task(get_weights(build_cxr_model()), 0, 1), _ctx(kit), Signal()))
+    assert "max_job_epsilon=2.0" in reason  # the kit's cap, not the override's 100
+    assert trained == []
+
+
+def test_the_env_override_may_tighten_but_not_move_the_ledger(tmp_path, monkeypatch):
+    kit = _kit(tmp_path, max_job_epsilon=8.0)
+    tight = tmp_path / "override" / SITE / "local"
+    tight.mkdir(parents=True)
+    (tight / "hospital_fl_privacy.json").write_text(json.dumps({"max_job_epsilon": 1.0}))
+    monkeypatch.setenv(PRIVACY_HOME_ENV, str(tmp_path / "override"))
+
+    dp = CXRTrainExecutor(train=FAST, privacy={"mechanism": "sample", "target_epsilon": 3.0}, num_rounds=1)
+    reason = _refusal(dp.execute("train", _train_task(get_weights(build_cxr_model()), 0, 1), _ctx(kit), Signal()))
+    assert "max_job_epsilon=1.0" in reason  # the stricter override applies
+    # the override folder got no ledger: with a kit policy the ledger stays in the kit's workspace
+    assert not (tmp_path / "override" / SITE / "privacy").exists()
