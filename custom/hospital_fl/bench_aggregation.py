@@ -10,6 +10,11 @@ model and rounds, several seeds:
   flipped labels; FedAvg against each robust rule (rules without the norm screen, so the
   figure is the rule's own);
 - compression: fp16, int8 and top-k 1% with error feedback on the uplink;
+- inflate: one of five sites negates its update (an ordinary norm) and claims 100x its
+  images; the default job (FedAvg + norm screen + bounded weights) and every robust rule
+  as the jobs deploy them (with the norm screen);
+- bounded: no attacker; FedAvg with bounded weights against the unbounded sample-count
+  weights (``claim_cap=None``), the cost of the bound to honest, Dirichlet-skewed sites;
 - timing: server aggregation seconds for 5, 20 and 50 sites on the DenseNet-121 parameter set.
 
 Every finished run is appended to ``runs.jsonl`` beside the output, and a rerun skips the
@@ -40,7 +45,7 @@ from hospital_fl.training.loops import get_weights
 
 __all__ = ["PARTS", "run_aggregation_benchmark", "summarize", "aggregation_seconds", "plot_aggregation"]
 
-PARTS = ("noniid", "attack", "compression", "timing")
+PARTS = ("noniid", "attack", "compression", "timing", "inflate", "bounded")
 ALPHAS = (0.1, 0.5, 100.0)
 ROBUST = ("trimmed_mean", "median", "norm_bounded", "multi_krum", "krum")
 METHODS = ("fedavg", "fedprox", "fedopt", "scaffold", *ROBUST)
@@ -51,14 +56,18 @@ CODECS = {
 }
 FEDPROX_MU = 0.01
 SERVER_ADAM = ServerOptimizerConfig("adam", lr=0.01)
-# Issue targets.
+INFLATE_RULES = ("fedavg", "norm_bounded", "trimmed_mean", "median", "multi_krum")
+# Targets.
 ROBUST_NO_ATTACK_GAP, ATTACK_GAP = 0.01, 0.03
 INT8_RATIO, INT8_LOSS, TOPK_RATIO, TOPK_LOSS = 3.9, 0.005, 30.0, 0.02
+INFLATE_GAP, BOUNDED_COST = 0.03, 0.005
 
 
 def _method_settings(method: str, screen: bool = True) -> dict:
     """run_federated_in_process arguments for a method name."""
     outlier = {} if screen else {"outlier_factor": None}
+    if method == "fedavg_unbounded":  # the sample-count weights as claimed, no bound
+        return {"aggregation": AggregationConfig(claim_cap=None, **outlier)}
     if method == "fedprox":
         return {"fedprox_mu": FEDPROX_MU, "aggregation": AggregationConfig(**outlier)}
     if method == "fedopt":
@@ -78,6 +87,10 @@ def _points(parts: list[str]) -> list[dict]:
         ]
     if "compression" in parts:
         points += [{"part": "compression", "alpha": 0.5, "method": "fedavg", "codec": c} for c in CODECS]
+    if "inflate" in parts:
+        points += [{"part": "inflate", "alpha": 0.5, "method": m, "attack": "inflate"} for m in INFLATE_RULES]
+    if "bounded" in parts:
+        points += [{"part": "bounded", "alpha": 0.5, "method": m} for m in ("fedavg", "fedavg_unbounded")]
     return points
 
 
@@ -92,7 +105,8 @@ def _run_point(point: dict, seed: int, rounds: int, split: SplitConfig, model_cf
         data_cache[cache_key] = load_federated(dataclasses.replace(split, alpha=point["alpha"], seed=seed))
     data = data_cache[cache_key]
     attack = Attack(point["attack"]) if point.get("attack") else None
-    settings = _method_settings(point["method"], screen=attack is None)
+    # The attack part measures a rule on its own; inflate measures the rules as jobs deploy them.
+    settings = _method_settings(point["method"], screen=attack is None or point["part"] == "inflate")
     if point.get("codec"):
         settings["compression"] = CODECS[point["codec"]]
     run = run_federated_in_process(
@@ -108,6 +122,7 @@ def _run_point(point: dict, seed: int, rounds: int, split: SplitConfig, model_cf
         "bytes_per_round_per_site": run.bytes_per_round_per_site,
         "uncompressed_bytes_per_round_per_site": run.uncompressed_bytes_per_round_per_site,
         "rejections": sum(len(r["rejected"]) for r in run.rounds),
+        "weight_clips": sum(len(r.get("weight_clips", [])) for r in run.rounds),
         "skipped_rounds": sum(1 for r in run.rounds if "skipped" in r),
     }
 
@@ -208,7 +223,19 @@ def summarize(rows: list[dict], seeds: list[int], rounds: int, train_cfg: TrainC
                 ),
                 "auc_loss": (reference - float(np.mean([r["auc"] for r in mine]))) if reference else None,
             }
+    inflate = {m: _mean(rows, part="inflate", method=m) for m in INFLATE_RULES if _mean(rows, part="inflate", method=m)}
+    bounded = {m: _mean(rows, part="bounded", method=m) for m in ("fedavg", "fedavg_unbounded")}
+    bounded = {m: v for m, v in bounded.items() if v is not None}
     targets = {}
+    # The no-attack reference of the inflate part: the default job as shipped (bounded FedAvg).
+    no_attack = bounded.get("fedavg", reference)
+    if no_attack is not None:
+        for rule, auc in inflate.items():
+            targets[f"inflate_{rule}_within_{INFLATE_GAP}_of_no_attack"] = bool(no_attack - auc <= INFLATE_GAP)
+    if len(bounded) == 2:
+        targets[f"bounded_weights_cost_at_most_{BOUNDED_COST}"] = bool(
+            bounded["fedavg_unbounded"] - bounded["fedavg"] <= BOUNDED_COST
+        )
     if reference is not None:
         for rule in ROBUST:
             targets[f"{rule}_no_attack_within_{ROBUST_NO_ATTACK_GAP}"] = bool(
@@ -234,7 +261,9 @@ def summarize(rows: list[dict], seeds: list[int], rounds: int, train_cfg: TrainC
             "local_epochs": train_cfg.epochs,
             "fedprox_mu": FEDPROX_MU,
             "fedopt": dataclasses.asdict(SERVER_ADAM),
-            "attacker": "site-1 (index 0); scale x50, sign_flip -1x, random N(0,1), label_flip 1-y",
+            "attacker": "site-1 (index 0); scale x50, sign_flip -1x, random N(0,1), label_flip 1-y, "
+            "inflate -1x with 100x the claimed images",
+            "claim_cap": AggregationConfig().claim_cap,
             "runtime": "in-process federation (the FLARE job's site and server functions)",
         },
         "machine": machine_info(),
@@ -242,6 +271,8 @@ def summarize(rows: list[dict], seeds: list[int], rounds: int, train_cfg: TrainC
         "noniid_auc": noniid,
         "attack_auc": attack,
         "compression": compression,
+        "inflate_auc": inflate,
+        "bounded_no_attack_auc": bounded,
         "aggregation_seconds": timing,
         "targets": targets,
         "ok": all(targets.values()) if targets else None,

@@ -150,7 +150,7 @@ def test_an_unknown_field_is_named(configs):
 
     assert _error(configs) == (
         f"{path}: gpu: got 1; unknown field; allowed: name, org, gpus, gpu_memory_gb, data_root, image, resources, "
-        "privacy, allowed_job_types. Fix: remove it or correct its spelling"
+        "privacy, allowed_job_types, declared_images. Fix: remove it or correct its spelling"
     )
 
 

@@ -16,6 +16,7 @@ import numpy as np
 from hospital_fl.aggregation.robust import coordinate_median, multi_krum, norm_bounded_mean, trimmed_mean
 from hospital_fl.aggregation.validation import norm_outliers, update_norm, update_problem
 from hospital_fl.aggregation.weighted import weighted_mean
+from hospital_fl.aggregation.weights import DEFAULT_CAP_FACTOR, bounded_weights
 from hospital_fl.errors import InputError
 
 __all__ = ["RULES", "AggregationConfig", "RoundAggregation", "aggregate_round"]
@@ -37,6 +38,9 @@ class AggregationConfig:
         norm_bound: fixed L2 bound for norm_bounded (None: the round's median norm).
         outlier_factor: reject an update whose norm exceeds this multiple of the round's
             median norm before any rule runs (None: no norm check).
+        claim_cap: k: a site without a declared image count weighs at most k x the
+            round's median claimed count (hospital_fl.aggregation.weights); None leaves
+            such claims unbounded. A declared count always bounds its site's weight.
     """
 
     rule: str = "fedavg"
@@ -45,6 +49,7 @@ class AggregationConfig:
     select: int | None = None
     norm_bound: float | None = None
     outlier_factor: float | None = 10.0
+    claim_cap: float | None = DEFAULT_CAP_FACTOR
 
     def __post_init__(self):
         checks = [
@@ -63,6 +68,12 @@ class AggregationConfig:
                 self.outlier_factor is None or self.outlier_factor > 1,
                 "it must be > 1 or None",
                 "use 10, or None to switch the norm check off",
+            ),
+            (
+                "claim_cap",
+                self.claim_cap is None or (isinstance(self.claim_cap, (int, float)) and self.claim_cap >= 1),
+                "it must be >= 1 (a multiple of the round's median claimed count)",
+                f"use {DEFAULT_CAP_FACTOR:g}",
             ),
         ]
         for name, ok, rule, fix in checks:
@@ -103,6 +114,7 @@ class RoundAggregation:
     rejected: dict[int, str]
     norms: list[float]
     info: dict = field(default_factory=dict)
+    weights: list[float] = field(default_factory=list)  # per update: its bounded weight (nan: invalid)
 
 
 def aggregate_round(
@@ -110,6 +122,7 @@ def aggregate_round(
     updates: Sequence[Mapping[str, np.ndarray]],
     n_samples: Sequence[object],
     reference: Mapping[str, np.ndarray] | None = None,
+    declared: Sequence[int | None] | None = None,
 ) -> RoundAggregation:
     """Validate, screen and combine one round's weight differences.
 
@@ -120,6 +133,11 @@ def aggregate_round(
         reference: the global model (names, shapes, dtypes every update must match); None
             checks every update against the layout most updates share, so one site sending
             odd names or shapes cannot get the others rejected by arriving first.
+        declared: per update, the image count the consortium declared for its site (None:
+            none declared); bounds the site's weight (hospital_fl.aggregation.weights).
+
+    Weights (FedAvg, norm_bounded, multi-Krum) are the bounded claims; ``info["weight_clips"]``
+    lists each bounded claim as {"index", "claimed", "allowed", "basis"}.
     """
     rejected: dict[int, str] = {}
     ref = reference if reference is not None else _majority_layout(updates)
@@ -138,17 +156,31 @@ def aggregate_round(
     accepted = [i for i in valid if i not in rejected]
     norm_of = dict(zip(valid, norms))
     all_norms = [norm_of.get(i, float("nan")) for i in range(len(updates))]
+    bounded, clips = bounded_weights(
+        [n_samples[i] for i in valid],
+        [declared[i] for i in valid] if declared is not None else None,
+        cfg.claim_cap,
+    )
+    weight_of = dict(zip(valid, bounded))
+    all_weights = [weight_of.get(i, float("nan")) for i in range(len(updates))]
+    clip_info = [{"index": valid[c.index], **c.as_dict()} for c in clips]
     if len(accepted) < cfg.min_updates():
         return RoundAggregation(
             None,
             accepted,
             rejected,
             all_norms,
-            {"skipped": f"{len(accepted)} acceptable update(s); {cfg.rule} needs {cfg.min_updates()}"},
+            {
+                "skipped": f"{len(accepted)} acceptable update(s); {cfg.rule} needs {cfg.min_updates()}",
+                **({"weight_clips": clip_info} if clip_info else {}),
+            },
+            all_weights,
         )
     chosen = [updates[i] for i in accepted]
-    weights = [float(n_samples[i]) for i in accepted]
+    weights = [weight_of[i] for i in accepted]
     info: dict = {"rule": cfg.rule}
+    if clip_info:
+        info["weight_clips"] = clip_info
     if cfg.rule == "fedavg":
         combined = weighted_mean(chosen, weights)
     elif cfg.rule == "trimmed_mean":
@@ -161,7 +193,7 @@ def aggregate_round(
         select = 1 if cfg.rule == "krum" else (cfg.select or len(chosen) - cfg.byzantine)
         combined, picked = multi_krum(chosen, weights, cfg.byzantine, select)
         info["selected"] = [accepted[j] for j in picked]
-    return RoundAggregation(combined, accepted, rejected, all_norms, info)
+    return RoundAggregation(combined, accepted, rejected, all_norms, info, all_weights)
 
 
 def _majority_layout(updates: Sequence[Mapping[str, np.ndarray]]) -> Mapping[str, np.ndarray] | None:

@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-__all__ = ["update_problem", "update_norm", "norm_outliers"]
+__all__ = ["update_problem", "update_norm", "norm_outliers", "metrics_problem"]
 
 Weights = Mapping[str, np.ndarray]
 
@@ -70,3 +70,25 @@ def norm_outliers(norms: Sequence[float], factor: float) -> list[int]:
         return []
     median = float(np.median(norms))
     return [i for i, n in enumerate(norms) if n > factor * max(median, 1e-12)]
+
+
+def metrics_problem(metrics: object) -> str | None:
+    """Why a site's reported metrics must not be averaged, or None when they are acceptable.
+
+    Metrics are a flat {name: finite real number} mapping; text, NaN, infinity, booleans or
+    nested values are refused before any arithmetic, so one site cannot fail the round.
+    """
+    if metrics is None:
+        return None
+    if not isinstance(metrics, Mapping):
+        return f"its metrics are a {type(metrics).__name__}, expected a mapping of names to numbers"
+    for name, value in metrics.items():
+        if not isinstance(name, str):
+            return f"metric name {name!r} is not text"
+        if isinstance(value, np.ndarray) and value.shape == ():
+            value = value.item()
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+            return f"metric {name!r} is a {type(value).__name__} ({str(value)[:40]!r}), expected a finite number"
+        if not np.isfinite(float(value)):
+            return f"metric {name!r} is {float(value)}, expected a finite number"
+    return None

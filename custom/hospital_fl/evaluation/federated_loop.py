@@ -22,7 +22,7 @@ from hospital_fl.aggregation.strategy import AggregationConfig, aggregate_round
 from hospital_fl.aggregation.weighted import weighted_mean
 from hospital_fl.compression.codecs import CompressionConfig, decode, encode, payload_bytes
 from hospital_fl.data.federated import FederatedDataset
-from hospital_fl.evaluation.attacks import Attack, poison_site, poison_update
+from hospital_fl.evaluation.attacks import Attack, claimed_samples, poison_site, poison_update
 from hospital_fl.models.cxr import CXRClassifier, ModelConfig, build_cxr_model
 from hospital_fl.privacy.accounting import epsilon_of
 from hospital_fl.privacy.central import CentralClientDP
@@ -129,7 +129,8 @@ def run_federated_in_process(
             step, _ = central.combine(updates)
             history.append({"round": rnd, "rejected": {}})
         else:
-            result = aggregate_round(aggregation, updates, [o.n_samples for o in outcomes], reference=weights)
+            claims = [claimed_samples(attack, i, o.n_samples) for i, o in enumerate(outcomes)]
+            result = aggregate_round(aggregation, updates, claims, reference=weights)
             history.append(
                 {
                     "round": rnd,

@@ -11,6 +11,13 @@ global model; robust rules and central client-level DP need differences. Every r
 per-site report (metrics, sample count, training seconds, bytes on the wire, accepted or
 why not) is written to round_history.json in the server's run folder, which travels with
 the job result.
+
+A site's weight is its claimed sample count bounded by the image count the consortium
+declared for it (``DECLARED_IMAGES_FILE`` in the server kit's local/ folder, written at
+provisioning), or by k x the round's median claim where none is declared (the simulator);
+every bound that bites is recorded with the site, the claimed and the allowed count. A
+site whose metrics are not finite numbers, or whose payload failed to decode against the
+global model's layout (``DECODE_PROBLEM_KEY``), is rejected with the reason.
 """
 
 from __future__ import annotations
@@ -26,16 +33,48 @@ from nvflare.app_common.aggregators.model_aggregator import ModelAggregator
 from nvflare.fuel.utils.log_utils import get_obj_logger
 
 from hospital_fl.aggregation.strategy import AggregationConfig, aggregate_round
-from hospital_fl.aggregation.validation import update_problem
+from hospital_fl.aggregation.validation import metrics_problem, update_problem
+from hospital_fl.aggregation.weights import DECLARED_IMAGES_FILE, bounded_weights, check_declared_counts
 from hospital_fl.compression.codecs import payload_bytes
 from hospital_fl.privacy.central import CentralClientDP
 from hospital_fl.privacy.config import DPConfig
 
-__all__ = ["UpdateAggregator", "HISTORY_FILE", "WIRE_BYTES_KEY"]
+__all__ = [
+    "UpdateAggregator",
+    "HISTORY_FILE",
+    "WIRE_BYTES_KEY",
+    "DECODE_PROBLEM_KEY",
+    "DECLARED_IMAGES_FILE",
+    "read_declared_images",
+    "record_weight_clips",
+]
 
 HISTORY_FILE = "round_history.json"
 # Set by hospital_fl.flare.filters.DecompressUpdate: the compressed size that crossed the wire.
 WIRE_BYTES_KEY = "hospital_fl_wire_bytes"
+# Set by DecompressUpdate when a payload does not fit the global model: why it was refused.
+DECODE_PROBLEM_KEY = "hospital_fl_decode_problem"
+
+
+def read_declared_images(fl_ctx: FLContext) -> dict[str, int] | None:
+    """The declared image counts from the server kit's local/ folder (None: none, e.g. SimEnv)."""
+    workspace = fl_ctx.get_engine().get_workspace()
+    path = os.path.join(workspace.get_site_config_dir(), DECLARED_IMAGES_FILE)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return check_declared_counts(json.load(f), path)
+
+
+def record_weight_clips(sites: list[dict], clips: list[dict]) -> list[dict]:
+    """Write each clip (``index`` into ``sites``) into its site's entry; the clips by site name."""
+    named = []
+    for clip in clips:
+        entry = sites[clip["index"]]
+        entry["claimed_samples"], entry["allowed_samples"] = clip["claimed"], clip["allowed"]
+        entry["weight_basis"] = clip["basis"]
+        named.append({"site": entry["site"], **{k: clip[k] for k in ("claimed", "allowed", "basis")}})
+    return named
 
 
 class UpdateAggregator(ModelAggregator):
@@ -56,6 +95,7 @@ class UpdateAggregator(ModelAggregator):
         self._central = CentralClientDP(DPConfig(**central_dp), num_rounds or 1) if central_dp else None
         self.logger = get_obj_logger(self)  # ModelAggregator skips FLComponent's init
         self.history: list[dict] = []  # one entry per round: {"round", "sites": [...], "aggregation": {...}}
+        self.declared: dict[str, int] | None = None  # read from the server kit at START_RUN
         self._round = 0
         self.reset_stats()
 
@@ -69,7 +109,8 @@ class UpdateAggregator(ModelAggregator):
         site = meta.get("client_name", "unknown")
         params = model.params or {}
         self._round = model.current_round if model.current_round is not None else self._round
-        problem = self._type_problem(model.params_type)
+        metrics = model.metrics or {}
+        problem = meta.get(DECODE_PROBLEM_KEY) or self._type_problem(model.params_type) or metrics_problem(metrics)
         entry = {
             "site": site,
             "accepted": problem is None,
@@ -78,7 +119,7 @@ class UpdateAggregator(ModelAggregator):
             "train_seconds": meta.get("train_seconds"),
             "payload_bytes": int(meta.get(WIRE_BYTES_KEY) or payload_bytes(params)),
             "uncompressed_bytes": payload_bytes(params),
-            "metrics": model.metrics or {},
+            "metrics": metrics if metrics_problem(metrics) is None else {},
             "privacy": meta.get("privacy"),
         }
         self._round_sites.append(entry)
@@ -115,6 +156,11 @@ class UpdateAggregator(ModelAggregator):
                 problem = update_problem(params, n, ok[0][1] if ok else None)
                 self._reject(index, problem) if problem else ok.append((index, params, n))
             combined = None
+            weights, clips = bounded_weights(
+                [n for _, _, n in ok], [self._declared_for(i) for i, _, _ in ok], self.rule.claim_cap
+            )
+            weight_of = {i: w for (i, _, _), w in zip(ok, weights)}
+            clips = [{**c.as_dict(), "index": ok[c.index][0]} for c in clips]
             if ok:
                 combined, info = self._central.combine([p for _, p, _ in ok])
                 entry["central_dp"] = {
@@ -124,12 +170,19 @@ class UpdateAggregator(ModelAggregator):
                     "delta": self._central.dp.delta,
                 }
         else:
-            result = aggregate_round(self.rule, [p for _, p, _ in updates], [n for _, _, n in updates])
+            result = aggregate_round(
+                self.rule,
+                [p for _, p, _ in updates],
+                [n for _, _, n in updates],
+                declared=[self._declared_for(i) for i, _, _ in updates],
+            )
+            weight_of = {updates[j][0]: w for j, w in enumerate(result.weights)}
+            clips = [{**c, "index": updates[c["index"]][0]} for c in result.info.get("weight_clips", [])]
             for j, reason in sorted(result.rejected.items()):
                 self._reject(updates[j][0], reason)
             for j, norm in enumerate(result.norms):
                 self._round_sites[updates[j][0]]["update_norm"] = norm
-            entry["aggregation"] = dict(result.info)
+            entry["aggregation"] = {k: v for k, v in result.info.items() if k != "weight_clips"}
             if "selected" in result.info:  # Krum: which sites' updates were averaged
                 entry["aggregation"]["selected"] = [
                     self._round_sites[updates[j][0]]["site"] for j in result.info["selected"]
@@ -138,19 +191,27 @@ class UpdateAggregator(ModelAggregator):
             if combined is None and result.accepted:
                 self.logger.warning(f"round {rnd}: {result.info['skipped']}; the global model stays unchanged")
                 combined, params_type = {}, ParamsType.DIFF  # an empty difference leaves the model as it was
+        if clips:
+            entry.setdefault("aggregation", {})["weight_clips"] = record_weight_clips(self._round_sites, clips)
+            self.logger.info(f"round {rnd}: claimed sample counts bounded: {entry['aggregation']['weight_clips']}")
         accepted = [s for s in self._round_sites if s["accepted"]]
         if combined is None:
             self.reset_stats()
             raise RuntimeError(f"round {rnd}: every site's update was rejected; see {HISTORY_FILE} for the reasons")
-        weights = [float(s["n_samples"]) for s in accepted]
+        weights = [weight_of[i] for i, s in enumerate(self._round_sites) if s["accepted"]]
         metric_names = set.intersection(*(set(s["metrics"]) for s in accepted))
         metrics = {k: float(np.average([s["metrics"][k] for s in accepted], weights=weights)) for k in metric_names}
         self.reset_stats()
         return FLModel(params_type=params_type, params=combined, metrics=metrics)
 
+    def _declared_for(self, index: int) -> int | None:
+        return (self.declared or {}).get(self._round_sites[index]["site"])
+
     def handle_event(self, event_type: str, fl_ctx: FLContext) -> None:
         super().handle_event(event_type, fl_ctx)
-        if event_type == EventType.END_RUN:
+        if event_type == EventType.START_RUN:
+            self.declared = read_declared_images(fl_ctx)
+        elif event_type == EventType.END_RUN:
             run_dir = fl_ctx.get_engine().get_workspace().get_run_dir(fl_ctx.get_job_id())
             with open(os.path.join(run_dir, HISTORY_FILE), "w") as f:
                 json.dump(self.history, f, indent=1, default=float)

@@ -26,7 +26,7 @@ from nvflare.app_common.workflows.fedavg import FedAvg
 from nvflare.app_common.workflows.scaffold import Scaffold
 from nvflare.app_opt.pt.fedopt_ctl import FedOpt
 
-from hospital_fl.aggregation.weighted import weighted_mean
+from hospital_fl.aggregation.strategy import AggregationConfig, aggregate_round
 from hospital_fl.flare.aggregator import UpdateAggregator
 
 __all__ = ["RoundPolicyFedAvg", "RoundPolicyFedOpt", "RoundPolicyScaffold"]
@@ -89,7 +89,9 @@ class RoundPolicyFedOpt(_RoundPolicy, FedOpt):
 class RoundPolicyScaffold(_RoundPolicy, Scaffold):
     """FLARE's SCAFFOLD controller with the round policy, whose model update goes through
     the bundle's aggregator (update screening, round history) and whose control update
-    averages the accepted sites' control changes with the same sample-count weights."""
+    averages the accepted sites' control changes with the same bounded weights, after the
+    same screen as updates (finite, the majority's names, shapes and dtypes, the norm
+    screen); a refused control change is recorded in the site's history entry."""
 
     def __init__(self, *args, aggregator: UpdateAggregator | None = None, **kwargs):
         super().__init__(*args, **kwargs)
@@ -102,13 +104,25 @@ class RoundPolicyScaffold(_RoundPolicy, Scaffold):
         for result in results:
             self.aggregator.accept_model(result)
         model = self.aggregator.aggregate_model()
-        accepted = {s["site"] for s in self.aggregator.history[-1]["sites"] if s["accepted"]}
-        kept = [r for r in results if r.meta.get("client_name") in accepted]
+        entries = {s["site"]: s for s in self.aggregator.history[-1]["sites"] if s["accepted"]}
+        kept = [r for r in results if r.meta.get("client_name") in entries]
         controls = [r.meta.get(AlgorithmConstants.SCAFFOLD_CTRL_DIFF) for r in kept]
-        if any(c is None for c in controls):
-            raise ValueError("a SCAFFOLD site returned no control change; is it running CXRTrainExecutor?")
+        declared = self.aggregator.declared or {}
+        rule = self.aggregator.rule
+        screen = AggregationConfig(outlier_factor=rule.outlier_factor, claim_cap=rule.claim_cap)
+        result = aggregate_round(
+            screen,
+            [c if isinstance(c, dict) else {} for c in controls],
+            [r.meta.get("n_samples") for r in kept],
+            declared=[declared.get(r.meta.get("client_name")) for r in kept],
+        )
+        for j, reason in result.rejected.items():
+            entry = entries[kept[j].meta.get("client_name")]
+            entry["control_reason"] = f"its SCAFFOLD control change was refused: {reason}"
+            self.warning(f"round {self.current_round}: {entry['site']}: {entry['control_reason']}")
         model.meta = {
-            AlgorithmConstants.SCAFFOLD_CTRL_DIFF: weighted_mean(controls, [r.meta["n_samples"] for r in kept]),
+            # None accepted: the global controls stay as they were.
+            AlgorithmConstants.SCAFFOLD_CTRL_DIFF: result.update or {},
             "nr_aggregated": len(kept),
             "current_round": self.current_round,
         }

@@ -7,6 +7,10 @@ filter plus a server input filter (fp16, int8, or top-k on weight differences). 
 a server output filter plus a client input filter (fp16 or int8; top-k of full weights is
 refused). Top-k's error-feedback residual is kept in the site's run folder, so it survives
 between rounds (and a client restart within the job).
+
+On the server, ``DecompressUpdate`` checks a payload against the global model's layout
+before expanding it; a payload that does not fit is replaced by an empty update carrying
+the reason (``DECODE_PROBLEM_KEY``), which the aggregator rejects while the round goes on.
 """
 
 from __future__ import annotations
@@ -19,9 +23,11 @@ from nvflare.apis.dxo import DXO, DataKind
 from nvflare.apis.dxo_filter import DXOFilter
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import Shareable
+from nvflare.app_common.app_constant import AppConstants
 
-from hospital_fl.compression.codecs import CompressionConfig, decode, encode, is_payload, payload_bytes
-from hospital_fl.flare.aggregator import WIRE_BYTES_KEY
+from hospital_fl.compression.codecs import CompressionConfig, decode, encode, is_payload, layout_of, payload_bytes
+from hospital_fl.errors import InputError
+from hospital_fl.flare.aggregator import DECODE_PROBLEM_KEY, WIRE_BYTES_KEY
 
 __all__ = ["CompressUpdate", "DecompressUpdate", "RESIDUAL_FILE"]
 
@@ -80,7 +86,25 @@ class DecompressUpdate(DXOFilter):
             return None
         meta = dict(dxo.meta or {})
         meta[WIRE_BYTES_KEY] = payload_bytes(dxo.data)
-        return DXO(dxo.data_kind, data=decode(dxo.data), meta=meta)
+        try:
+            data = decode(dxo.data, _global_layout(fl_ctx))
+        except (InputError, ValueError) as err:
+            self.log_warning(fl_ctx, f"refused a compressed update: {err}")
+            meta[DECODE_PROBLEM_KEY] = f"its compressed payload was refused: {err}"
+            data = dict(_REFUSED)
+        return DXO(dxo.data_kind, data=data, meta=meta)
+
+
+# FLARE's FedAvg drops an empty result without a word; this placeholder carries the refusal
+# to the aggregator, which records it in round_history.json.
+_REFUSED = {"hospital_fl_refused": np.zeros(0, np.float32)}
+
+
+def _global_layout(fl_ctx: FLContext) -> dict | None:
+    """The server's global model layout (set by FLARE's model controllers), or None (a site)."""
+    model = fl_ctx.get_prop(AppConstants.GLOBAL_MODEL)
+    weights = model.get("weights") if isinstance(model, dict) else None
+    return layout_of(weights) if weights else None
 
 
 def _save_atomically(path: str, arrays: dict[str, np.ndarray]) -> None:

@@ -50,6 +50,7 @@ from nvflare.lighter.spec import Builder, Project, ProvisionContext
 from nvflare.lighter.utils import write
 
 import hospital_fl
+from hospital_fl.aggregation.weights import DECLARED_IMAGES_FILE
 from hospital_fl.audit import AUDIT_FILE, append_event
 from hospital_fl.errors import InputError
 from hospital_fl.flare.site_policy import allow_bundle_components
@@ -152,10 +153,19 @@ class HospitalKitBuilder(Builder):
             and nothing else.
         hospitals: hospitals in the consortium, written into HE kits (default: this
             project's clients; more when a hospital is added to issued kits).
+        declared_images: {hospital: declared image count}, written to the server kit's
+            local/ (hospital_fl.aggregation.weights.DECLARED_IMAGES_FILE) for its aggregator.
     """
 
-    def __init__(self, sites: dict, bundle_participants: list | None = None, hospitals: int | None = None):
+    def __init__(
+        self,
+        sites: dict,
+        bundle_participants: list | None = None,
+        hospitals: int | None = None,
+        declared_images: dict | None = None,
+    ):
         self.sites = sites
+        self.declared_images = dict(declared_images or {})
         self.bundle_participants = list(bundle_participants or [])
         self.hospitals = hospitals
 
@@ -173,6 +183,8 @@ class HospitalKitBuilder(Builder):
                 allow_bundle_components(local, exact=True)  # the bundle's classes, nothing else
             if participant.type == ParticipantType.SERVER:
                 _edit_json(local / "resources.json", with_job_auditor)
+                if self.declared_images:
+                    (local / DECLARED_IMAGES_FILE).write_text(json.dumps(self.declared_images, indent=2) + "\n")
             site = self.sites.get(participant.name)
             if site is None:
                 continue

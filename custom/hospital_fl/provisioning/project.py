@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 
+from hospital_fl.aggregation.weights import DECLARED_IMAGES_FILE
 from hospital_fl.privacy.he_params import CKKSParams
 from hospital_fl.provisioning.schema import ConsortiumConfig, HospitalConfig, SiteConfigs
 
@@ -135,6 +136,7 @@ def site_policies(hospital: HospitalConfig) -> dict:
             "authorization.json": authorization_policy(hospital),
             "privacy.json": privacy_scopes(hospital),
             "hospital_fl_privacy.json": site_privacy_policy(hospital),
+            **({DECLARED_IMAGES_FILE: {hospital.name: hospital.declared_images}} if hospital.declared_images else {}),
         },
         "resources": {
             "num_of_gpus": hospital.resources.num_of_gpus,
@@ -245,6 +247,8 @@ def render_project(consortium: ConsortiumConfig, hospitals: tuple[HospitalConfig
                 "sites": {h.name: site_policies(h) for h in hospitals},
                 # the server builds the bundle's aggregator and controllers from job configs too
                 "bundle_participants": [consortium.server_host, *(h.name for h in hospitals)],
+                # the server's aggregator never weights a hospital above its declared count
+                "declared_images": {h.name: h.declared_images for h in hospitals if h.declared_images},
             },
         }
     )

@@ -349,6 +349,8 @@ class HospitalConfig:
         resources: what FLARE jobs may reserve (at most the hardware above).
         privacy: the site's privacy policy.
         allowed_job_types: the kinds of job the site accepts, among JOB_TYPES.
+        declared_images: the training images the consortium agrees this hospital holds
+            (optional); the server never weights the site's updates above it.
     """
 
     name: str
@@ -360,6 +362,7 @@ class HospitalConfig:
     resources: ResourceConfig
     privacy: PrivacyConfig
     allowed_job_types: tuple[str, ...]
+    declared_images: int | None = None
     source: str = field(default="hospital", compare=False, repr=False)
 
     def __post_init__(self):
@@ -381,6 +384,13 @@ class HospitalConfig:
         )
         if not _is_int(self.gpus) or self.gpus < 0:
             raise _number_error(_at(src, "gpus"), self.gpus, "it must be an integer >= 0", "1")
+        if self.declared_images is not None and (not _is_int(self.declared_images) or self.declared_images < 1):
+            raise _number_error(
+                _at(src, "declared_images"),
+                self.declared_images,
+                "it must be a positive integer (the training images the consortium agreed on)",
+                "1200",
+            )
         if not _is_number(self.gpu_memory_gb) or self.gpu_memory_gb < 0:
             raise _number_error(_at(src, "gpu_memory_gb"), self.gpu_memory_gb, "it must be a number >= 0", "24")
         if not isinstance(self.data_root, str) or not re.match(_DATA_ROOT, self.data_root):
@@ -568,6 +578,7 @@ def hospital_from_dict(data: object, source: str = "hospital") -> HospitalConfig
             "privacy",
             "allowed_job_types",
         ),
+        ("declared_images",),
     )
     where = _at(source, "resources")
     values["resources"] = ResourceConfig(
