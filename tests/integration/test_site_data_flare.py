@@ -14,6 +14,7 @@ from hospital_fl.data.ingest.consent import read_consent
 from hospital_fl.data.ingest.labels import read_labels
 from hospital_fl.data.ingest.manifest import read_usage
 from hospital_fl.data.ingest.pipeline import IngestConfig, ingest
+from hospital_fl.data.ingest.site_dataset import SITE_STATE_ENV
 
 pytestmark = pytest.mark.integration
 TODAY = dt.date.today()
@@ -57,12 +58,14 @@ def test_profile_job_flags_the_label_shifted_hospital(site_datasets, tmp_path):
     assert "P0001" not in text and "img0001" not in text  # no identifiers in what the server holds
 
 
-def test_training_reads_manifests_and_rechecks_consent(site_datasets, tmp_path):
+def test_training_reads_manifests_and_rechecks_consent(site_datasets, tmp_path, monkeypatch):
     from hospital_fl.data.splits import SplitConfig
     from hospital_fl.flare.jobs import JobSpec
     from hospital_fl.flare.simulate import run_in_simulator
     from hospital_fl.training.config import TrainConfig
 
+    state = tmp_path / "state"  # usage records go to each site's writable state folder, not its data
+    monkeypatch.setenv(SITE_STATE_ENV, str(state))
     consent = site_datasets / "site-2-consent.csv"
     consent.write_text(consent.read_text() + f"site-2-P0005,revoked,{TODAY}\n")
     spec = JobSpec(
@@ -78,8 +81,9 @@ def test_training_reads_manifests_and_rechecks_consent(site_datasets, tmp_path):
 
     assert len(run.history) == 2 and {s["site"] for s in run.history[-1]["sites"]} == {"site-1", "site-2"}
     for site in ("site-1", "site-2"):
-        (usage,) = read_usage(site_datasets / site)
+        (usage,) = read_usage(state / site)
         assert usage["job_id"] and len(usage["patients"]) >= PER_SITE - 1
-    (usage2,) = read_usage(site_datasets / "site-2")
+        assert not (site_datasets / site / "usage").exists()
+    (usage2,) = read_usage(state / "site-2")
     assert list(usage2["excluded_at_start"].values()) == ["revoked"]
     assert len(usage2["patients"]) == PER_SITE - 1

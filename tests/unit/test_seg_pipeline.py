@@ -2,7 +2,6 @@
 
 import dataclasses
 import math
-from pathlib import Path
 
 import nrrd
 import numpy as np
@@ -10,6 +9,7 @@ import pytest
 import torch
 from hospital_fl.errors import InputError
 from hospital_fl.models.seg import SegModelConfig, build_seg_model
+from hospital_fl.segmentation.sample import sample_dir
 from hospital_fl.segmentation.pipeline import (
     SegPipelineConfig,
     SegTrainConfig,
@@ -24,12 +24,11 @@ from hospital_fl.segmentation.pipeline import (
 )
 from hospital_fl.segmentation.site_round import clear_loader_cache, get_weights, run_seg_round
 
-DATA = Path("/work/shared/data/brain_mri")
+DATA = sample_dir()  # the real volumes shipped inside the package, wherever it is installed
 PIPE = SegPipelineConfig()
 CPU = SegTrainConfig(device="cpu", amp=False)
 UNET = SegModelConfig(arch="unet")
 
-pytestmark = pytest.mark.skipif(not (DATA / "brain1_image.nrrd").exists(), reason="brain MRI samples not present")
 
 
 def _case(name: str) -> dict:
@@ -49,8 +48,8 @@ def brain2_loader():
 def test_preprocessing_resamples_reorients_and_normalises(brain1):
     image, label = brain1["image"], brain1["label"]
 
-    # 256x256x25 at 0.78x0.78x6.5 mm -> 200x200x79 at 1x1x2 mm, channel first
-    assert tuple(image.shape) == (1, 200, 200, 79) and tuple(label.shape) == (1, 200, 200, 79)
+    # the shipped crop, 232x256x13 at 0.78x0.78x6.5 mm -> 181x200x40 at 1x1x2 mm, channel first
+    assert tuple(image.shape) == (1, 181, 200, 40) and tuple(label.shape) == (1, 181, 200, 40)
     assert np.allclose(image.pixdim.numpy(), (1.0, 1.0, 2.0))
     assert np.all(np.diag(image.affine.numpy())[:3] > 0)  # RAS: axes point right, anterior, superior
     inside = image[image != 0]
@@ -64,7 +63,7 @@ def test_modality_files_stack_as_channels():
     case = _case("brain2")
     out = eval_transforms(SegPipelineConfig(spacing=None))({**case, "image": case["image"] * 2})
 
-    assert tuple(out["image"].shape) == (2, 256, 256, 23)
+    assert tuple(out["image"].shape) == (2, 216, 250, 9)  # the shipped crop of brain2, unresampled
     assert torch.equal(out["image"][0], out["image"][1])
 
 
