@@ -261,3 +261,50 @@ def test_decoding_error_of_a_sum_of_eight_is_far_below_half(kits):
     decoded = np.asarray(ts.ckks_vector_from(client, total.serialize()).decrypt())
     error = np.abs(decoded - slots.sum(axis=0)).max()
     assert error < 0.25, error
+
+
+def test_contribution_tags_need_the_key_and_bind_job_round_site_and_weight(kits):
+    from hospital_fl.privacy.he import Contribution, contribution_tags
+    from hospital_fl.privacy.he_packing import TAG_FIELDS, tag_bound
+
+    ctx, server, client = kits
+    base = contribution_tags(ctx, Contribution("job", 1, "site-1"), 0.5, CKKS)
+    assert base.shape == (TAG_FIELDS,) and int(np.abs(base).max()) <= tag_bound(CKKS.packing())
+    assert np.array_equal(contribution_tags(client, Contribution("job", 1, "site-1"), 0.5, CKKS), base)  # same key
+    others = [
+        contribution_tags(ctx, Contribution("job-2", 1, "site-1"), 0.5, CKKS),
+        contribution_tags(ctx, Contribution("job", 2, "site-1"), 0.5, CKKS),
+        contribution_tags(ctx, Contribution("job", 1, "site-2"), 0.5, CKKS),
+        contribution_tags(ctx, Contribution("job", 1, "site-1"), 0.25, CKKS),
+        contribution_tags(make_context(CKKS), Contribution("job", 1, "site-1"), 0.5, CKKS),  # another key
+    ]
+    assert all(not np.array_equal(t, base) for t in others)
+    with pytest.raises(InputError, match="keyed with the hospitals' secret key"):
+        contribution_tags(server, Contribution("job", 1, "site-1"), 0.5, CKKS)
+
+
+def test_a_malformed_announcement_is_refused_with_the_field():
+    from hospital_fl.privacy.he import AggregateClaim
+
+    with pytest.raises(InputError, match="announced weight of site-1"):
+        AggregateClaim("job", 0, {"site-1": 1.5})
+    with pytest.raises(InputError, match="non-empty"):
+        AggregateClaim("job", 0, {})
+    with pytest.raises(InputError, match="contribution round"):
+        AggregateClaim("job", -1, {"site-1": 0.5})
+
+
+def test_kit_facts_and_the_site_policy_field_are_validated(tmp_path):
+    from hospital_fl.privacy.he_kit import HEKitFacts, facts_from_json, read_kit_facts, write_kit_facts
+    from hospital_fl.provisioning.schema import PrivacyConfig
+
+    facts = HEKitFacts("client", "ab" * 32, hospitals=2, min_aggregate_sites=3)
+    write_kit_facts(tmp_path / "f.json", facts)
+    assert read_kit_facts(tmp_path / "f.json") == facts and facts.required_sites == 2  # a consortium of two
+    assert read_kit_facts(tmp_path / "missing.json") is None
+    with pytest.raises(InputError, match="min_aggregate_sites.*integer >= 2"):
+        facts_from_json({**facts.to_json(), "min_aggregate_sites": 1})
+    with pytest.raises(InputError, match="key_id"):
+        facts_from_json({"role": "server", "key_id": "not hex"})
+    with pytest.raises(InputError, match="min_aggregate_sites.*an aggregate of one hospital"):
+        PrivacyConfig("dp_required", 8.0, 4.0, 1e-5, min_aggregate_sites=1)

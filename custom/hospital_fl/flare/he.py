@@ -273,8 +273,8 @@ class DecryptGlobalModel(DXOFilter):
             )
             self.log_info(
                 fl_ctx,
-                f"decrypted the aggregate of round {claim.round}: {info['n_chunks']} ciphertexts, sites "
-                f"{sorted(claim.weights)} (canary and tags checked), weight {info['decoded_weight']:.4f}",
+                f"decrypted the aggregate of round {claim.round}: {info['n_chunks']} ciphertexts, sites and weights "
+                f"{dict(sorted(claim.weights.items()))} (canary and tags checked), weight {info['decoded_weight']:.4f}",
             )
         elif meta.get(PLAINTEXT_INITIAL_KEY) and models == 0 and task_round in (None, 0):
             weights = dict(dxo.data)

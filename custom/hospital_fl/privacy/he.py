@@ -160,8 +160,11 @@ def contribution_tags(ctx: ts.Context, contribution: Contribution, weight: float
         "contribution tags are keyed with the hospitals' secret key",
         "use client_context.tenseal from the hospital kit's startup/ folder",
     )
+    return _tags(_key_digest(ctx, _TAG_KEY_TAG), contribution, weight, ckks)
+
+
+def _tags(key: bytes, contribution: Contribution, weight: float, ckks: CKKSParams) -> np.ndarray:
     cfg = ckks.packing()
-    key = _key_digest(ctx, _TAG_KEY_TAG)
     message = json.dumps(
         [contribution.job, int(contribution.round), contribution.site, canary_units(weight, cfg)]
     ).encode()
@@ -545,8 +548,9 @@ def _check_contributions(
     canary = int(ints[layout.canary_index])
     expected = sum(canary_units(w, cfg) for w in claim.weights.values())
     tags = np.asarray(ints[layout.canary_index + 1 : layout.canary_index + 1 + TAG_FIELDS], dtype=np.int64)
+    key = _key_digest(ctx, _TAG_KEY_TAG)  # once: hashing the key serializes the context
     tags_expected = sum(
-        contribution_tags(ctx, Contribution(claim.job, claim.round, site), w, ckks) for site, w in claim.weights.items()
+        _tags(key, Contribution(claim.job, claim.round, site), w, ckks) for site, w in claim.weights.items()
     )
     if canary != expected:
         raise InputError(
