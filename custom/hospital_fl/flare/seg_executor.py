@@ -111,8 +111,9 @@ class SegTrainExecutor(Executor):
             for problem in report.problems:
                 self.log_warning(fl_ctx, f"datalist: left out {problem.section}/{problem.case}: {problem.detail}")
             train = report.require("training", minimum=1)
-        except InputError as err:
-            self._refusal = f"segmentation data refused this job at {site}: {err}"
+        except Exception as err:  # any failure preparing the data (a read-only or full disk too) refuses with its reason
+            reason = str(err) if isinstance(err, InputError) else f"{type(err).__name__}: {err}"
+            self._refusal = f"segmentation data refused this job at {site}: {reason}"
             self.log_error(fl_ctx, self._refusal)
             return
         self._cases = {"training": train, "validation": report.usable.get("validation", [])}
