@@ -120,7 +120,6 @@ def test_honest_aggregate_is_decrypted_once_and_a_replay_refused(contexts, monke
 
 
 def test_one_sites_ciphertext_forwarded_as_the_aggregate_is_refused_by_every_site(contexts, monkeypatch):
-    _, server_ctx = contexts
     r = Round("job-forward", contexts[0], monkeypatch)
     alone = r.payloads["site-1"]
 
