@@ -187,6 +187,10 @@ def _cmd_allow_components(args) -> int:
 def _cmd_bench(args) -> int:
     if args.suite == "privacy":
         return _bench_privacy(args)
+    if args.suite == "privacy-gate":
+        from hospital_fl.bench_privacy_gate import main as bench_privacy_gate
+
+        return bench_privacy_gate(args)
     if args.suite == "aggregation":
         return _bench_aggregation(args)
     if args.suite == "ingest":
@@ -376,7 +380,10 @@ def _cmd_privacy_init(args) -> int:
             },
             "command line",
         )
-    ledger = init_site_privacy(args.site_home, args.site, policy or SitePrivacyPolicy(delta=args.delta))
+    if policy is None and args.delta != SitePrivacyPolicy().delta:
+        policy = SitePrivacyPolicy(delta=args.delta)
+    # flags only set a new site's policy; init never rewrites an existing one (nor loosens it)
+    ledger = init_site_privacy(args.site_home, args.site, policy, rebuild=args.rebuild)
     print(ledger.path)
     return 0
 
@@ -387,7 +394,9 @@ def _cmd_privacy_report(args) -> int:
 
     home = Path(args.site_home)
     policy = read_site_policy(home / "local") or SitePrivacyPolicy()
-    summary = PrivacyLedger(policy.ledger_path(home)).summary(policy.delta, policy.accountant)
+    ledger = PrivacyLedger(policy.ledger_path(home))
+    summary = ledger.summary(policy.delta, policy.accountant)
+    summary["differences_from_audit_trail"] = ledger.audit_problems()  # empty when they agree
     summary["lifetime_budget"] = policy.lifetime_epsilon
     summary["max_job_epsilon"] = policy.max_job_epsilon
     print(json.dumps(summary, indent=2))
@@ -432,7 +441,7 @@ def build_parser() -> argparse.ArgumentParser:
         "or privacy (AUC vs epsilon)",
     )
     bench.add_argument(
-        "suite", nargs="?", default="cxr", choices=["cxr", "privacy", "aggregation", "ingest", "provision", "he", "seg"]
+        "suite", nargs="?", default="cxr", choices=["cxr", "privacy", "privacy-gate", "aggregation", "ingest", "provision", "he", "seg"]
     )
     _add_job_options(bench)
     bench.add_argument("--epsilons", type=float, nargs="+", default=[1.0, 3.0, 8.0], help="privacy suite")
@@ -465,6 +474,11 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--job-epsilon", type=float, default=None, help="most epsilon one job may spend")
     init.add_argument("--lifetime-epsilon", type=float, default=None, help="most epsilon all jobs may spend")
     init.add_argument("--delta", type=float, default=1e-5, help="delta of the budgets (default 1e-5)")
+    init.add_argument(
+        "--rebuild",
+        action="store_true",
+        help="write the ledger again from the site's verified audit trail (a missing, damaged or version-1 ledger)",
+    )
     init.set_defaults(func=_cmd_privacy_init, command="privacy init")
     report = psub.add_parser("report", help="epsilon spent per job and in total, from the site's ledger")
     report.add_argument("site_home")

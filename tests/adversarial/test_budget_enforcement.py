@@ -27,66 +27,16 @@ from hospital_fl.flare.seg_executor import SegTrainExecutor
 from hospital_fl.models.cxr import build_cxr_model
 from hospital_fl.privacy.ledger import PrivacyLedger, Spend
 from hospital_fl.privacy.policy import SitePrivacyPolicy, check_job_budget
-from hospital_fl.privacy.setup import init_site_privacy
 from hospital_fl.training.loops import get_weights
-from nvflare.apis.fl_constant import ReservedKey, ReturnCode
-from nvflare.apis.fl_context import FLContext
-from nvflare.apis.shareable import ReservedHeaderKey, Shareable
+from nvflare.apis.fl_constant import ReturnCode
+from nvflare.apis.shareable import Shareable
 from nvflare.apis.signal import Signal
-from nvflare.apis.workspace import Workspace
-from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
-from nvflare.app_common.utils.fl_model_utils import FLModelUtils
-
-FAST = {"augment": False, "device": "cpu", "torch_threads": 1, "epochs": 1}
-SITE = "site-3"  # a small embedded hospital: DP-SGD rounds take a second
-
-
-class _Engine:
-    """What an executor asks FLARE's client engine for: the site's workspace."""
-
-    def __init__(self, root: Path):
-        self.workspace = Workspace(str(root), SITE)
-
-    def get_workspace(self) -> Workspace:
-        return self.workspace
-
-    def fire_event(self, event_type, fl_ctx) -> None:  # the executor's log events go nowhere here
-        pass
-
-
-def _ctx(kit: Path, job_id: str = "job-1") -> FLContext:
-    ctx = FLContext()
-    ctx.set_prop(ReservedKey.IDENTITY_NAME, SITE, private=False, sticky=False)
-    ctx.set_prop(ReservedKey.RUN_NUM, job_id, private=False, sticky=False)
-    ctx.set_prop(ReservedKey.ENGINE, _Engine(kit), private=True, sticky=False)
-    return ctx
-
-
-def _train_task(weights, current_round: int, total_rounds: int) -> Shareable:
-    model = FLModel(
-        params_type=ParamsType.FULL,
-        params=weights,
-        current_round=current_round,
-        total_rounds=total_rounds,
-    )
-    return FLModelUtils.to_shareable(model)
-
-
-def _refusal(reply: Shareable) -> str:
-    assert reply.get_return_code() == ReturnCode.EXECUTION_EXCEPTION
-    assert set(reply.keys()) <= {ReservedHeaderKey.HEADERS}  # nothing but the error is sent
-    return str(reply.get_header(ReservedHeaderKey.ERROR))
-
-
-def _kit(tmp_path: Path, **policy) -> Path:
-    kit = tmp_path / "kit"
-    (kit / "startup").mkdir(parents=True)  # a FLARE workspace holds its kit's startup/ folder
-    init_site_privacy(kit, SITE, SitePrivacyPolicy(**policy))
-    return kit
-
-
-def _ledger(kit: Path) -> PrivacyLedger:
-    return PrivacyLedger(kit / "privacy" / "ledger.json")
+from site_kit import FAST, SITE
+from site_kit import ledger_of as _ledger
+from site_kit import make_kit as _kit
+from site_kit import refusal as _refusal
+from site_kit import site_ctx as _ctx
+from site_kit import train_task as _train_task
 
 
 # -- a server that sends more rounds than it announced -------------------------------------------

@@ -117,11 +117,12 @@ def test_every_spend_is_on_the_sites_hash_chained_audit_trail(tmp_path):
     trail = tmp_path / "audit.jsonl"
     assert verify_trail(trail).ok
     records = read_trail(trail)
-    assert [(r.event, r.actor, r.details["steps"]) for r in records] == [
+    assert records[0].event == "privacy.init"
+    assert [(r.event, r.actor, r.details["releases"][0]["steps"]) for r in records[1:]] == [
         ("privacy.spend", "job job-a", 50),
         ("privacy.spend", "job job-a", 25),
     ]
-    assert records[1].details["site"] == "site-1" and records[1].details["noise_multiplier"] == 1.0
+    assert records[2].details["site"] == "site-1" and records[2].details["releases"][0]["noise_multiplier"] == 1.0
 
 
 def test_ledger_is_never_reset_or_overwritten(tmp_path):
@@ -134,7 +135,7 @@ def test_ledger_is_never_reset_or_overwritten(tmp_path):
         ledger.record("job-a", "sample", 2.0, 0.05, 10)
 
 
-def test_a_tampered_ledger_is_refused_with_the_backup_named(tmp_path):
+def test_a_tampered_ledger_is_refused_and_rebuilt_from_the_audit_trail(tmp_path):
     path = tmp_path / "ledger.json"
     ledger = PrivacyLedger.create(path, "site-1")
     ledger.record("job-a", "sample", 1.0, 0.05, 100)
@@ -144,12 +145,12 @@ def test_a_tampered_ledger_is_refused_with_the_backup_named(tmp_path):
     path.write_text(json.dumps(data))
     with pytest.raises(InputError) as err:
         ledger.epsilon(1e-5)
-    assert "checksum" in str(err.value) and "ledger.json.bak" in str(err.value)
+    assert "keyed checksum (HMAC)" in str(err.value) and "--rebuild" in str(err.value)
     path.write_text("{not json")
     with pytest.raises(InputError, match="does not parse"):
         ledger.entries()
-    # the backup holds the previous good version
-    assert PrivacyLedger(tmp_path / "ledger.json.bak").entries()[0].steps == 100
+    # the audit trail holds every spend: the rebuilt ledger has all 200 steps back
+    assert PrivacyLedger.rebuild_from_audit(path, "site-1").entries()[0].steps == 200
 
 
 def test_a_missing_ledger_is_refused_not_recreated(tmp_path):
@@ -202,8 +203,10 @@ def test_budget_check_refuses_before_training():
 def test_init_site_privacy_keeps_what_exists(tmp_path):
     ledger = init_site_privacy(tmp_path, "site-1", SitePrivacyPolicy(lifetime_epsilon=10.0))
     ledger.record("j", "sample", 1.0, 0.1, 5)
-    again = init_site_privacy(tmp_path, "site-1", SitePrivacyPolicy(lifetime_epsilon=99.0))
+    again = init_site_privacy(tmp_path, "site-1")
     assert again.entries()[0].steps == 5
+    with pytest.raises(InputError, match="these would loosen it: lifetime_epsilon"):  # flags never loosen
+        init_site_privacy(tmp_path, "site-1", SitePrivacyPolicy(lifetime_epsilon=99.0))
     assert read_site_policy(tmp_path / "local").lifetime_epsilon == 10.0
 
 

@@ -28,7 +28,7 @@ from hospital_fl.data.ingest.labels import CXR14_FINDINGS
 from hospital_fl.data.ingest.site_dataset import load_site_dataset, site_data_path, site_state_dir
 from hospital_fl.data.splits import SplitConfig
 from hospital_fl.errors import InputError
-from hospital_fl.flare.privacy_gate import SitePrivacyGate, open_gate
+from hospital_fl.flare.privacy_gate import SitePrivacyGate, open_gate, refusal_reply
 from hospital_fl.models.cxr import ModelConfig, build_cxr_model
 from hospital_fl.privacy.config import DPConfig
 from hospital_fl.privacy.site import SitePrivacy
@@ -110,6 +110,8 @@ class CXRTrainExecutor(Executor):
                 torch.set_num_threads(self.train_cfg.torch_threads)
             name = fl_ctx.get_identity_name()
             if self.site_data:
+                engine = fl_ctx.get_engine()
+                workspace = engine.get_workspace().get_root_dir() if engine is not None else None
                 loaded = load_site_dataset(
                     site_data_path(self.site_data, name),
                     name,
@@ -117,10 +119,10 @@ class CXRTrainExecutor(Executor):
                     image_size=self.model_cfg.image_size,
                     label_names=CXR14_FINDINGS,
                     job_id=fl_ctx.get_job_id() or "unknown-job",
-                )
-                self.log_info(
                     # usage records go to the site's writable workspace; the data mount is only read
                     state_dir=site_state_dir(workspace, name),
+                )
+                self.log_info(
                     fl_ctx,
                     f"site data: {len(loaded.site.train)}/{len(loaded.site.val)}/{len(loaded.site.test)} "
                     f"train/val/test images from the manifest; {len(loaded.excluded)} patients left out "
@@ -192,7 +194,7 @@ class CXRTrainExecutor(Executor):
         if self._gate is None and self._refusal is None:  # START_RUN not seen (e.g. a unit harness)
             self._prepare(fl_ctx)
         if self._refusal is not None:
-            return make_reply(ReturnCode.EXECUTION_EXCEPTION)
+            return refusal_reply(self._refusal)
         site = self._site_data(fl_ctx)
         if task_name == SAMPLE_COUNT_TASK:
             # The aggregation weight an HE job's sites apply before encrypting. A DP site
@@ -209,6 +211,15 @@ class CXRTrainExecutor(Executor):
                 f"budget check cover {self.num_rounds}; refusing to train",
             )
             return make_reply(ReturnCode.EXECUTION_EXCEPTION)
+        if self._site_privacy is not None:
+            # Checked against the caps and recorded before the round trains: nothing of it
+            # leaves the site unless the whole round's releases fit the budget.
+            try:
+                job_epsilon = self._gate.spend_round(self._site_privacy)
+            except InputError as err:
+                reason = f"privacy: {site.name} refused round {received.current_round}: {err}"
+                self.log_error(fl_ctx, reason)
+                return refusal_reply(reason)
         scaffold = self._scaffold_controls(received.meta or {})
         outcome = run_site_round(
             site,
@@ -227,8 +238,6 @@ class CXRTrainExecutor(Executor):
             self._control = outcome.control  # this site's SCAFFOLD control, kept for the next round
             meta[AlgorithmConstants.SCAFFOLD_CTRL_DIFF] = outcome.control_delta
         if self._site_privacy is not None:
-            # Recorded before anything is sent: the releases are made once they leave the site.
-            job_epsilon = self._gate.record_round(self._site_privacy)
             # The exact spend, noise multipliers and sample rates are functions of the record
             # count: they stay in the site's log and ledger; the reply says only the job's bound.
             self.log_info(fl_ctx, f"privacy: {self._site_privacy.noise_summary()}, job epsilon so far {job_epsilon}")

@@ -166,8 +166,23 @@ def _v1_checksum(site: str, entries: list[dict]) -> str:
     ).hexdigest()
 
 
-def _mac(key: bytes, body: dict) -> str:
-    return hmac.new(key, _canonical(body), hashlib.sha256).hexdigest()
+_MAC_FIELD = ',"mac":"'
+
+
+def _encode(key: bytes, body: dict) -> str:
+    """The file's text: the canonical JSON of ``body`` with its HMAC-SHA256 appended as the last field."""
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"))  # the C encoder: fast
+    mac = hmac.new(key, canonical.encode(), hashlib.sha256).hexdigest()
+    return f'{canonical[:-1]}{_MAC_FIELD}{mac}"}}'
+
+
+def _authentic(key: bytes, text: str) -> bool:
+    """Whether the file's bytes before its ``mac`` field carry that HMAC (no re-encoding needed)."""
+    cut = text.rfind(_MAC_FIELD)
+    if cut < 0 or not text.endswith('"}'):
+        return False
+    expected = hmac.new(key, (text[:cut] + "}").encode(), hashlib.sha256).hexdigest()
+    return hmac.compare_digest(expected, text[cut + len(_MAC_FIELD) : -2])
 
 
 def _corrupt(path: Path, why: str) -> InputError:
@@ -346,13 +361,13 @@ class PrivacyLedger:
     def _provable_old_entries(self) -> list[LedgerEntry]:
         """Entries of the current file that its own MAC (or version-1 checksum) still vouches for."""
         try:
-            data = json.loads(self.path.read_text())
+            text = self.path.read_text()
+            data = json.loads(text)
             site, raw = data["site"], data["entries"]
             if data.get("version") == 1:
                 ok = data.get("checksum") == _v1_checksum(site, raw)
             else:
-                body = {k: data[k] for k in ("version", "site", "entries", "audit")}
-                ok = hmac.compare_digest(str(data.get("mac")), _mac(self._key(), body))
+                ok = _authentic(self._key(), text)
             return [LedgerEntry(**e) for e in raw] if ok else []
         except (OSError, ValueError, KeyError, TypeError, InputError):
             return []
@@ -376,7 +391,8 @@ class PrivacyLedger:
                 else "restore it from backup; for a new site run `hospital-fl privacy init SITE_WORKSPACE --site SITE`",
             )
         try:
-            data = json.loads(self.path.read_text())
+            text = self.path.read_text()
+            data = json.loads(text)
             version, site, raw = data["version"], data["site"], data["entries"]
         except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as err:
             raise _corrupt(self.path, f"it does not parse as a ledger ({type(err).__name__}: {err})") from err
@@ -389,11 +405,7 @@ class PrivacyLedger:
             )
         if version != LEDGER_VERSION:
             raise _corrupt(self.path, f"its version {version!r} is not {LEDGER_VERSION}")
-        try:
-            body = {k: data[k] for k in ("version", "site", "entries", "audit")}
-        except KeyError as err:
-            raise _corrupt(self.path, f"it lacks the field {err}") from err
-        if not hmac.compare_digest(str(data.get("mac")), _mac(self._key(), body)):
+        if not _authentic(self._key(), text) or "audit" not in data:
             raise _corrupt(self.path, "its keyed checksum (HMAC) does not match its entries (edited or truncated)")
         try:
             entries = [LedgerEntry(**e) for e in raw]
@@ -518,16 +530,11 @@ class PrivacyLedger:
                 check(before, after)
             if releases:
                 key = self._key()
-                raw_after = [_as_dict(e) for e in after]
                 record = append_event(
                     self.trail,
                     SPEND_EVENT,
                     f"job {job_id}",
-                    {
-                        "site": site,
-                        "releases": [_as_dict(r) for r in releases],
-                        "ledger_digest": _digest(site, raw_after),
-                    },
+                    {"site": site, "releases": [_as_dict(r) for r in releases]},
                 )
                 self._write(site, after, (record.seq, record.hash), key)
         return after
@@ -547,7 +554,7 @@ class PrivacyLedger:
             os.close(fd)  # closing releases the lock
 
     def _write(self, site: str, entries: list[LedgerEntry], head: tuple[int, str], key: bytes) -> None:
-        """Atomic rewrite (temporary file, rename); the previous version stays as ``.bak``.
+        """Atomic rewrite (temporary file, rename): readers see the old ledger or the new, never half.
 
         Not fsynced: the audit record of the spend was fsynced just before, so a ledger that
         a power cut leaves behind (or empty) is refused at the next read and rebuilt from the
@@ -559,7 +566,7 @@ class PrivacyLedger:
             "entries": [_as_dict(e) for e in entries],
             "audit": {"seq": head[0], "hash": head[1]},
         }
-        text = json.dumps({**body, "mac": _mac(key, body)}, separators=(",", ":"))  # the C encoder: fast
+        text = _encode(key, body)
         tmp = self.path.with_name(self.path.name + ".tmp")
         with open(tmp, "w") as f:
             f.write(text)

@@ -235,8 +235,9 @@ def check_release(
             if e.steps > allowed:
                 raise InputError(
                     f"privacy release of job {job_id}",
-                    f"{e.mechanism} release {e.steps}",
-                    f"the job's plan, approved when it started, covers {allowed} {e.mechanism} releases at this site",
+                    f"{e.mechanism}: {e.steps} steps",
+                    f"the job's plan, approved when it started, covers {allowed} {e.mechanism} steps (runs of the "
+                    "mechanism) at this site",
                     fix_job,
                 )
     d, acc = policy.delta, policy.accountant
