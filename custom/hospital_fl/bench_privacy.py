@@ -23,10 +23,12 @@ from hospital_fl.models.cxr import ModelConfig
 from hospital_fl.privacy.config import DPConfig
 from hospital_fl.training.config import TrainConfig
 
-__all__ = ["run_privacy_benchmark", "TARGET_DROP"]
+__all__ = ["run_privacy_benchmark", "TARGET_DROP", "HELD_DROP"]
 
-# Issue targets: AUC drop against the non-private federated model.
+# Targets: AUC drop against the non-private federated model (utility), and the drop DP
+# must stay within once its noise comes from the OS and its epsilon is the job's total.
 TARGET_DROP = {8.0: 0.02, 3.0: 0.04}
+HELD_DROP = {8.0: 0.025}
 
 
 def run_privacy_benchmark(
@@ -86,6 +88,16 @@ def summarize_privacy_benchmark(rows, seeds, epsilons, mechanisms, rounds, train
                     "auc_mean": auc,
                     "auc_per_seed": [r["auc"] for r in rows if r["mechanism"] == mech and r["target_epsilon"] == eps],
                     "auc_drop": baseline_auc - auc,
+                    # the most any site spent over the job, every release included (<= target)
+                    "max_site_epsilon": max(
+                        (
+                            p["epsilon"]
+                            for r in rows
+                            if r["mechanism"] == mech and r["target_epsilon"] == eps
+                            for p in r["privacy"].values()
+                        ),
+                        default=None,
+                    ),
                     "train_time_ratio": mean_of(mech, eps, "train_seconds_per_round") / baseline_train,
                     "round_time_ratio": mean_of(mech, eps, "site_seconds_per_round") / baseline_site,
                 }
@@ -97,6 +109,23 @@ def summarize_privacy_benchmark(rows, seeds, epsilons, mechanisms, rounds, train
         for e, d in TARGET_DROP.items()
         if "sample" in mechanisms and e in epsilons
     }
+    targets.update(
+        {
+            f"sample_eps{int(e)}_drop<={d}": next(
+                t["auc_drop"] <= d for t in table if t["mechanism"] == "sample" and t["target_epsilon"] == e
+            )
+            for e, d in HELD_DROP.items()
+            if "sample" in mechanisms and e in epsilons
+        }
+    )
+    targets.update(
+        {
+            f"{t['mechanism']}_eps{t['target_epsilon']:g}_site_epsilon<=target": t["max_site_epsilon"]
+            <= t["target_epsilon"]
+            for t in table
+            if t["max_site_epsilon"] is not None
+        }
+    )
     return {
         "benchmark": "cxr differential privacy: AUC vs epsilon",
         "settings": {
@@ -109,6 +138,8 @@ def summarize_privacy_benchmark(rows, seeds, epsilons, mechanisms, rounds, train
             "max_grad_norm": dp_template.max_grad_norm,
             "client_clip_norm": dp_template.clip_norm,
             "metrics_epsilon": dp_template.metrics_epsilon,
+            "epsilon_is_total": "target_epsilon covers training and metric releases composed",
+            "privacy_randomness": "OS CSPRNG (secrets) per release; the seed drives split, init, augmentation",
             "accountant": dp_template.accountant,
             "runtime": "in-process federation (the FLARE job's site and server functions)",
         },
