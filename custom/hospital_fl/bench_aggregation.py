@@ -208,7 +208,7 @@ def summarize(rows: list[dict], seeds: list[int], rounds: int, train_cfg: TrainC
     attack = {
         k: {m: _mean(rows, part="attack", attack=k, method=m) for m in ("fedavg", *ROBUST)}
         for k in ATTACKS
-        if any(r.get("attack") == k for r in rows)
+        if any(r["part"] == "attack" and r.get("attack") == k for r in rows)
     }
     reference = noniid.get("0.5", {}).get("fedavg")
     compression = {}
@@ -272,6 +272,7 @@ def summarize(rows: list[dict], seeds: list[int], rounds: int, train_cfg: TrainC
         "attack_auc": attack,
         "compression": compression,
         "inflate_auc": inflate,
+        "inflate_no_attack_reference_auc": no_attack if inflate else None,
         "bounded_no_attack_auc": bounded,
         "aggregation_seconds": timing,
         "targets": targets,
