@@ -441,7 +441,10 @@ def build_parser() -> argparse.ArgumentParser:
         "or privacy (AUC vs epsilon)",
     )
     bench.add_argument(
-        "suite", nargs="?", default="cxr", choices=["cxr", "privacy", "privacy-gate", "aggregation", "ingest", "provision", "he", "seg"]
+        "suite",
+        nargs="?",
+        default="cxr",
+        choices=["cxr", "privacy", "privacy-gate", "aggregation", "ingest", "provision", "he", "seg"],
     )
     _add_job_options(bench)
     bench.add_argument("--epsilons", type=float, nargs="+", default=[1.0, 3.0, 8.0], help="privacy suite")

@@ -47,7 +47,8 @@ def _rewrite(ledger: PrivacyLedger, change, key: bytes | None = None) -> None:
         ledger.path.write_text(json.dumps(data))
         return
     # the file's format: canonical JSON of the body with its HMAC as the last field
-    body = json.dumps({k: data[k] for k in ("version", "site", "entries", "audit")}, sort_keys=True, separators=(",", ":"))
+    fields = {k: data[k] for k in ("version", "site", "entries", "audit")}
+    body = json.dumps(fields, sort_keys=True, separators=(",", ":"))
     mac = hmac.new(key, body.encode(), hashlib.sha256).hexdigest()
     ledger.path.write_text(f'{body[:-1]},"mac":"{mac}"}}')
 

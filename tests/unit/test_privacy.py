@@ -160,6 +160,71 @@ def test_a_missing_ledger_is_refused_not_recreated(tmp_path):
     assert not (tmp_path / "gone.json").exists()
 
 
+@pytest.mark.parametrize(
+    "history",
+    [[(1.0, 0.05, 100)], [(1.1, 0.02, 250), (5.0, 0.1, 30), (0.8, 1.0, 4)], [(2.5, 0.3, 7), (1.1, 0.02, 1)]],
+)
+def test_cached_rdp_composition_equals_opacus_exactly(history):
+    from hospital_fl.privacy.budget import gaussian_epsilon
+
+    acc = RDPAccountant()
+    acc.history = list(history)
+    assert gaussian_epsilon(history, 1e-5) == acc.get_epsilon(1e-5)  # the same arrays, summed in the same order
+    assert gaussian_epsilon(history, 1e-5) == gaussian_epsilon(history, 1e-5)  # and from the cache
+
+
+def test_laplace_entries_add_their_pure_epsilon(tmp_path):
+    from hospital_fl.privacy.ledger import Spend
+
+    ledger = PrivacyLedger.create(tmp_path / "ledger.json", "site-1")
+    ledger.record("job-a", "sample", 1.0, 0.05, 100)
+    ledger.spend("job-b", [Spend.laplace("profile", 0.5)])
+    ledger.spend("job-c", [Spend.laplace("profile", 0.25)])
+    acc = RDPAccountant()
+    acc.history = [(1.0, 0.05, 100)]
+    assert ledger.epsilon(1e-5) == pytest.approx(acc.get_epsilon(1e-5) + 0.75, abs=1e-12)
+    assert ledger.epsilon(1e-5, job_id="job-b") == 0.5
+    with pytest.raises(InputError, match="finite epsilon > 0"):
+        ledger.spend("job-d", [Spend.laplace("profile", float("inf"))])
+
+
+def test_check_release_names_the_budget_the_spend_and_the_fix(tmp_path):
+    from hospital_fl.privacy.ledger import Spend
+    from hospital_fl.privacy.policy import check_release
+
+    ledger = PrivacyLedger.create(tmp_path / "ledger.json", "site-1")
+    policy = SitePrivacyPolicy(lifetime_epsilon=5.0)
+    ledger.record("job-a", "sample", 1.0, 0.05, 100)  # about 4.04
+
+    def spend(job, steps, allowance=None):
+        return ledger.spend(
+            job, [Spend("sample", 1.0, 0.05, steps)], lambda b, a: check_release(policy, job, b, a, allowance)
+        )
+
+    with pytest.raises(InputError) as err:
+        spend("job-b", 100)
+    msg = str(err.value)
+    assert "lifetime budget 5.0" in msg and "has spent epsilon 4.0383" in msg and "is left" in msg
+    with pytest.raises(InputError, match="covers 5 sample steps"):
+        spend("job-c", 6, {"sample": 5})
+    assert [e.job_id for e in ledger.entries()] == ["job-a"]  # refused releases left no trace
+
+
+def test_the_kit_policy_wins_over_a_looser_override(tmp_path):
+    from hospital_fl.privacy.policy import resolve_site_policy
+
+    kit, override = tmp_path / "kit", tmp_path / "override"
+    for folder, policy in ((kit, {"require_dp": True, "max_job_epsilon": 4}), (override, {"max_job_epsilon": 50})):
+        folder.mkdir()
+        (folder / "hospital_fl_privacy.json").write_text(json.dumps(policy))
+    policy, in_kit = resolve_site_policy(kit, override)
+    assert in_kit and policy.require_dp and policy.max_job_epsilon == 4
+    (override / "hospital_fl_privacy.json").write_text(json.dumps({"max_job_epsilon": 2, "lifetime_epsilon": 9}))
+    policy, _ = resolve_site_policy(kit, override)
+    assert policy.max_job_epsilon == 2 and policy.lifetime_epsilon == 9 and policy.require_dp
+    assert resolve_site_policy(tmp_path / "no-kit", override)[0].max_job_epsilon == 2  # no kit policy: the override
+
+
 # -- policy -------------------------------------------------------------------------------
 def test_policy_errors_name_the_file_field_value_and_fix(tmp_path):
     local = tmp_path / "local"

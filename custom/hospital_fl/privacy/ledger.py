@@ -129,7 +129,10 @@ class Spend:
             eps = self.pure_epsilon
             if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not math.isfinite(eps) or eps <= 0:
                 raise InputError(
-                    f"privacy release {self.mechanism}: epsilon", eps, "a Laplace release needs a finite epsilon > 0", "set it"
+                    f"privacy release {self.mechanism}: epsilon",
+                    eps,
+                    "a Laplace release needs a finite epsilon > 0",
+                    "set it",
                 )
         elif not (self.noise_multiplier > 0 and 0 < self.sample_rate <= 1) or self.pure_epsilon is not None:
             raise InputError(
@@ -267,7 +270,10 @@ class PrivacyLedger:
         ledger = cls(path)
         if ledger.path.exists():
             raise InputError(
-                "privacy ledger", str(ledger.path), "it already exists and a ledger is never overwritten", "keep using it"
+                "privacy ledger",
+                str(ledger.path),
+                "it already exists and a ledger is never overwritten",
+                "keep using it",
             )
         ledger.path.parent.mkdir(parents=True, exist_ok=True)
         with ledger._locked():
@@ -494,7 +500,10 @@ class PrivacyLedger:
                 e.pure_epsilon,
             ):
                 problems.append(f"{e.job_id}/{e.mechanism}: its noise, rate or epsilon differ from the audit trail")
-        problems += [f"{j}/{m}: in the audit trail ({s['steps']} releases) but not in the ledger" for (j, m), s in spent.items()]
+        problems += [
+            f"{job}/{mechanism}: in the audit trail ({item['steps']} releases) but not in the ledger"
+            for (job, mechanism), item in spent.items()
+        ]
         return problems
 
     def check_against_audit(self) -> None:
