@@ -187,6 +187,17 @@ def test_a_missing_policy_at_a_site_with_a_ledger_refuses_every_job(tmp_path, mo
     assert "it is missing, but this site keeps a privacy ledger" in refusal(reply)
 
 
+def test_a_deleted_kit_policy_is_not_replaced_by_a_looser_override(tmp_path, monkeypatch):
+    kit, _, _ = _spent_kit(tmp_path)
+    (kit / "local" / "hospital_fl_privacy.json").unlink()
+    loose = tmp_path / "override" / SITE
+    (loose / "local").mkdir(parents=True)
+    (loose / "local" / "hospital_fl_privacy.json").write_text(json.dumps({"require_dp": False}))
+    monkeypatch.setenv("HOSPITAL_FL_PRIVACY_HOME", str(tmp_path / "override"))
+    reason = _dp_job_reply(kit, monkeypatch)
+    assert "it is missing, but this site keeps a privacy ledger" in reason and str(kit / "local") in reason
+
+
 def test_an_unknown_mechanism_is_refused(tmp_path, monkeypatch):
     kit, ledger, _ = _spent_kit(tmp_path)
     with pytest.raises(InputError, match="mechanism: got 'quantum'"):

@@ -117,19 +117,21 @@ def site_policy(fl_ctx: FLContext) -> tuple[SitePrivacyPolicy, Path, bool]:
     scope_properties = fl_ctx.get_prop(FLContextKey.SCOPE_PROPERTIES) or {}
     policy, in_kit = resolve_site_policy(kit_local, override / "local" if override else None, scope_properties)
     home = root if in_kit or override is None else override
-    if policy is None:
-        ledger = SitePrivacyPolicy().ledger_path(home)
-        if ledger.exists():
-            raise InputError(
-                "site privacy policy",
-                str(kit_local / SITE_POLICY_FILE),
-                f"it is missing, but this site keeps a privacy ledger ({ledger}), so its privacy officer set "
-                "budgets that would no longer apply",
-                "restore local/hospital_fl_privacy.json from the site's kit or backup "
-                "(`hospital-fl privacy init SITE_HOME --site SITE` writes the default policy and keeps the ledger)",
-            )
-        return SitePrivacyPolicy(), home, False
-    return policy, home, True
+    if not in_kit:
+        # A kit that keeps a ledger had a policy: without it (deleted, or an override standing
+        # in for it) its caps would silently stop applying.
+        for folder, where in ((root, kit_local), (home, home / "local")):
+            ledger = SitePrivacyPolicy().ledger_path(folder)
+            if ledger.exists() and (folder == root or policy is None):
+                raise InputError(
+                    "site privacy policy",
+                    str(where / SITE_POLICY_FILE),
+                    f"it is missing, but this site keeps a privacy ledger ({ledger}), so its privacy officer set "
+                    "budgets that would no longer apply",
+                    "restore local/hospital_fl_privacy.json from the site's kit or backup (`hospital-fl privacy "
+                    "init SITE_HOME --site SITE` writes the default policy and keeps the ledger)",
+                )
+    return policy or SitePrivacyPolicy(), home, policy is not None
 
 
 def _job_key(fl_ctx: FLContext) -> str:
