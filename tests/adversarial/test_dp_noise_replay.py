@@ -152,9 +152,7 @@ class _SumOut(torch.nn.Module):
 
 
 def _noise_probe() -> torch.nn.Module:
-    return torch.nn.Sequential(
-        _ZeroInput(), torch.nn.Flatten(), torch.nn.Linear(784, 64, bias=False), _SumOut()
-    )
+    return torch.nn.Sequential(_ZeroInput(), torch.nn.Flatten(), torch.nn.Linear(784, 64, bias=False), _SumOut())
 
 
 def test_dp_sgd_noise_and_sampling_are_not_the_seeds(tiny_site, monkeypatch):

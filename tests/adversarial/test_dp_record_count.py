@@ -21,8 +21,8 @@ from hospital_fl.data.splits import SplitConfig
 from hospital_fl.flare.executor import CXRTrainExecutor
 from hospital_fl.models.cxr import ModelConfig, build_cxr_model
 from hospital_fl.privacy.config import DPConfig
-from hospital_fl.privacy.site import SitePrivacy
 from hospital_fl.privacy.setup import init_site_privacy
+from hospital_fl.privacy.site import SitePrivacy
 from hospital_fl.training.config import TrainConfig
 from hospital_fl.training.loops import get_weights
 from nvflare.apis.fl_constant import FLMetaKey, ReservedKey, ReturnCode
@@ -89,9 +89,7 @@ def _site_replies(tmp_path, site: SiteData, n: int) -> tuple[FLModel, FLModel]:
     for folder in ("job-1", "startup", "local"):  # a FLARE site workspace
         (root / folder).mkdir(parents=True)
     init_site_privacy(root, site.name)  # the site's own kit policy and ledger
-    executor = CXRTrainExecutor(
-        train=FAST, privacy=dataclasses.asdict(DPConfig("sample", 8.0)), num_rounds=2
-    )
+    executor = CXRTrainExecutor(train=FAST, privacy=dataclasses.asdict(DPConfig("sample", 8.0)), num_rounds=2)
     executor._data = _with_train_records(site, n)  # the site's data, n training records
     ctx = _ctx(root, site.name)
     start = get_weights(build_cxr_model(ModelConfig()))
