@@ -157,6 +157,9 @@ class ProfileRecipe(Recipe):
         job = FedJob(name=name, min_clients=num_sites)
         job.to_server(ProfileComparison(min_sites=num_sites), id="profile_comparison")
         job.to_clients(SiteProfileExecutor(site_data=site_data, epsilon=epsilon), tasks=[PROFILE_TASK])
+        # hospital_fl is installed at every site: without this FLARE copies the package into
+        # app/custom, which makes the job one that ships code (submittable only by a project admin).
+        job.set_app_packages(["hospital_fl"])
         super().__init__(job)
 
 
