@@ -7,14 +7,18 @@ model and rounds, several seeds:
 - noniid: Dirichlet alpha 0.1 / 0.5 / 100 x FedAvg, FedProx, FedOpt (server Adam),
   SCAFFOLD and every robust rule;
 - attack: one of five sites sends a x50 scaled, sign-flipped or random update, or trains on
-  flipped labels; FedAvg against each robust rule (rules without the norm screen, so the
-  figure is the rule's own);
+  flipped labels; FedAvg against each robust rule (rules without the norm and direction
+  screens, so the figure is the rule's own);
 - compression: fp16, int8 and top-k 1% with error feedback on the uplink;
 - inflate: one of five sites negates its update (an ordinary norm) and claims 100x its
-  images; the default job (FedAvg + norm screen + bounded weights) and every robust rule
-  as the jobs deploy them (with the norm screen);
-- bounded: no attacker; FedAvg with bounded weights against the unbounded sample-count
-  weights (``claim_cap=None``), the cost of the bound to honest, Dirichlet-skewed sites;
+  images; the default job (FedAvg + norm and direction screens + bounded weights) and every
+  robust rule as the jobs deploy them (with both screens), and the default job without the
+  direction screen (``fedavg_no_direction``);
+- bounded: no attacker; the default job against FedAvg without the direction screen and
+  against the unbounded sample-count weights without it (``fedavg_unbounded``, FedAvg as it
+  was), the cost of the bound and the screen to honest, Dirichlet-skewed sites;
+- direction: the default job with and without the direction screen under the sign-flip,
+  scale, random and label-flip attacks;
 - timing: server aggregation seconds for 5, 20 and 50 sites on the DenseNet-121 parameter set.
 
 Every finished run is appended to ``runs.jsonl`` beside the output, and a rerun skips the
@@ -45,7 +49,7 @@ from hospital_fl.training.loops import get_weights
 
 __all__ = ["PARTS", "run_aggregation_benchmark", "summarize", "aggregation_seconds", "plot_aggregation"]
 
-PARTS = ("noniid", "attack", "compression", "timing", "inflate", "bounded")
+PARTS = ("noniid", "attack", "compression", "timing", "inflate", "bounded", "direction")
 ALPHAS = (0.1, 0.5, 100.0)
 ROBUST = ("trimmed_mean", "median", "norm_bounded", "multi_krum", "krum")
 METHODS = ("fedavg", "fedprox", "fedopt", "scaffold", *ROBUST)
@@ -57,6 +61,9 @@ CODECS = {
 FEDPROX_MU = 0.01
 SERVER_ADAM = ServerOptimizerConfig("adam", lr=0.01)
 INFLATE_RULES = ("fedavg", "norm_bounded", "trimmed_mean", "median", "multi_krum")
+INFLATE_ARMS = (*INFLATE_RULES, "fedavg_no_direction")  # the last: comparison only, no target
+BOUNDED_ARMS = ("fedavg", "fedavg_no_direction", "fedavg_unbounded")
+DIRECTION_ATTACKS = ("sign_flip", "scale", "random", "label_flip")
 # Targets.
 ROBUST_NO_ATTACK_GAP, ATTACK_GAP = 0.01, 0.03
 INT8_RATIO, INT8_LOSS, TOPK_RATIO, TOPK_LOSS = 3.9, 0.005, 30.0, 0.02
@@ -65,9 +72,11 @@ INFLATE_GAP, BOUNDED_COST = 0.03, 0.005
 
 def _method_settings(method: str, screen: bool = True) -> dict:
     """run_federated_in_process arguments for a method name."""
-    outlier = {} if screen else {"outlier_factor": None}
-    if method == "fedavg_unbounded":  # the sample-count weights as claimed, no bound
-        return {"aggregation": AggregationConfig(claim_cap=None, **outlier)}
+    outlier = {} if screen else {"outlier_factor": None, "min_cosine": None}
+    if method == "fedavg_unbounded":  # FedAvg as it was: the claimed counts, no bound, no direction screen
+        return {"aggregation": AggregationConfig(claim_cap=None, **{"min_cosine": None, **outlier})}
+    if method == "fedavg_no_direction":  # the default job without the direction screen
+        return {"aggregation": AggregationConfig(**{"min_cosine": None, **outlier})}
     if method == "fedprox":
         return {"fedprox_mu": FEDPROX_MU, "aggregation": AggregationConfig(**outlier)}
     if method == "fedopt":
@@ -88,9 +97,15 @@ def _points(parts: list[str]) -> list[dict]:
     if "compression" in parts:
         points += [{"part": "compression", "alpha": 0.5, "method": "fedavg", "codec": c} for c in CODECS]
     if "inflate" in parts:
-        points += [{"part": "inflate", "alpha": 0.5, "method": m, "attack": "inflate"} for m in INFLATE_RULES]
+        points += [{"part": "inflate", "alpha": 0.5, "method": m, "attack": "inflate"} for m in INFLATE_ARMS]
     if "bounded" in parts:
-        points += [{"part": "bounded", "alpha": 0.5, "method": m} for m in ("fedavg", "fedavg_unbounded")]
+        points += [{"part": "bounded", "alpha": 0.5, "method": m} for m in BOUNDED_ARMS]
+    if "direction" in parts:
+        points += [
+            {"part": "direction", "alpha": 0.5, "method": m, "attack": k}
+            for k in DIRECTION_ATTACKS
+            for m in ("fedavg", "fedavg_no_direction")
+        ]
     return points
 
 
@@ -105,8 +120,8 @@ def _run_point(point: dict, seed: int, rounds: int, split: SplitConfig, model_cf
         data_cache[cache_key] = load_federated(dataclasses.replace(split, alpha=point["alpha"], seed=seed))
     data = data_cache[cache_key]
     attack = Attack(point["attack"]) if point.get("attack") else None
-    # The attack part measures a rule on its own; inflate measures the rules as jobs deploy them.
-    settings = _method_settings(point["method"], screen=attack is None or point["part"] == "inflate")
+    # The attack part measures a rule on its own; the others measure the rules as jobs deploy them.
+    settings = _method_settings(point["method"], screen=point["part"] != "attack")
     if point.get("codec"):
         settings["compression"] = CODECS[point["codec"]]
     run = run_federated_in_process(
@@ -122,6 +137,7 @@ def _run_point(point: dict, seed: int, rounds: int, split: SplitConfig, model_cf
         "bytes_per_round_per_site": run.bytes_per_round_per_site,
         "uncompressed_bytes_per_round_per_site": run.uncompressed_bytes_per_round_per_site,
         "rejections": sum(len(r["rejected"]) for r in run.rounds),
+        "direction_rejections": sum("cosine" in why for r in run.rounds for why in r["rejected"].values()),
         "weight_clips": sum(len(r.get("weight_clips", [])) for r in run.rounds),
         "skipped_rounds": sum(1 for r in run.rounds if "skipped" in r),
     }
@@ -223,19 +239,35 @@ def summarize(rows: list[dict], seeds: list[int], rounds: int, train_cfg: TrainC
                 ),
                 "auc_loss": (reference - float(np.mean([r["auc"] for r in mine]))) if reference else None,
             }
-    inflate = {m: _mean(rows, part="inflate", method=m) for m in INFLATE_RULES if _mean(rows, part="inflate", method=m)}
-    bounded = {m: _mean(rows, part="bounded", method=m) for m in ("fedavg", "fedavg_unbounded")}
+    inflate = {m: _mean(rows, part="inflate", method=m) for m in INFLATE_ARMS if _mean(rows, part="inflate", method=m)}
+    bounded = {m: _mean(rows, part="bounded", method=m) for m in BOUNDED_ARMS}
     bounded = {m: v for m, v in bounded.items() if v is not None}
+    direction = {
+        k: {m: _mean(rows, part="direction", attack=k, method=m) for m in ("fedavg", "fedavg_no_direction")}
+        for k in DIRECTION_ATTACKS
+        if any(r["part"] == "direction" and r.get("attack") == k for r in rows)
+    }
     targets = {}
-    # The no-attack reference of the inflate part: the default job as shipped (bounded FedAvg).
+    # The no-attack reference of the inflate part: the default job as shipped, no attacker.
     no_attack = bounded.get("fedavg", reference)
     if no_attack is not None:
         for rule, auc in inflate.items():
-            targets[f"inflate_{rule}_within_{INFLATE_GAP}_of_no_attack"] = bool(no_attack - auc <= INFLATE_GAP)
-    if len(bounded) == 2:
+            if rule in INFLATE_RULES:
+                targets[f"inflate_{rule}_within_{INFLATE_GAP}_of_no_attack"] = bool(no_attack - auc <= INFLATE_GAP)
+    if "fedavg_unbounded" in bounded and "fedavg_no_direction" in bounded:
         targets[f"bounded_weights_cost_at_most_{BOUNDED_COST}"] = bool(
-            bounded["fedavg_unbounded"] - bounded["fedavg"] <= BOUNDED_COST
+            bounded["fedavg_unbounded"] - bounded["fedavg_no_direction"] <= BOUNDED_COST
         )
+    if "fedavg" in bounded and "fedavg_no_direction" in bounded:
+        targets[f"direction_screen_cost_at_most_{BOUNDED_COST}"] = bool(
+            bounded["fedavg_no_direction"] - bounded["fedavg"] <= BOUNDED_COST
+        )
+    for kind, by_arm in direction.items():
+        if None not in by_arm.values():
+            # The screen must not make a known attack worse (seed-averaged AUC, 0.005 slack).
+            targets[f"direction_screen_no_worse_under_{kind}"] = bool(
+                by_arm["fedavg"] >= by_arm["fedavg_no_direction"] - BOUNDED_COST
+            )
     if reference is not None:
         for rule in ROBUST:
             targets[f"{rule}_no_attack_within_{ROBUST_NO_ATTACK_GAP}"] = bool(
@@ -264,6 +296,7 @@ def summarize(rows: list[dict], seeds: list[int], rounds: int, train_cfg: TrainC
             "attacker": "site-1 (index 0); scale x50, sign_flip -1x, random N(0,1), label_flip 1-y, "
             "inflate -1x with 100x the claimed images",
             "claim_cap": AggregationConfig().claim_cap,
+            "min_cosine": AggregationConfig().min_cosine,
             "runtime": "in-process federation (the FLARE job's site and server functions)",
         },
         "machine": machine_info(),
@@ -274,6 +307,7 @@ def summarize(rows: list[dict], seeds: list[int], rounds: int, train_cfg: TrainC
         "inflate_auc": inflate,
         "inflate_no_attack_reference_auc": no_attack if inflate else None,
         "bounded_no_attack_auc": bounded,
+        "direction_attack_auc": direction,
         "aggregation_seconds": timing,
         "targets": targets,
         "ok": all(targets.values()) if targets else None,

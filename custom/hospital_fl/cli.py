@@ -455,7 +455,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--parts",
         nargs="+",
         default=["noniid", "attack", "compression", "timing"],
-        choices=["noniid", "attack", "compression", "timing", "inflate", "bounded"],
+        choices=["noniid", "attack", "compression", "timing", "inflate", "bounded", "direction"],
         help="aggregation suite: which sweeps to run (default all)",
     )
     bench.add_argument("--copies", type=int, default=40, help="ingest suite: files per transfer syntax")

@@ -2,10 +2,12 @@
 
 One of five hospitals sends a sign-flipped update of ordinary norm and claims 100x its
 images. The attack is played against the real FLARE aggregator built from the exported
-job folders (jobs/cxr_fedavg: FedAvg with the norm screen; jobs/cxr_robust: trimmed mean),
-fed real FLModels, with the consortium's declared counts read from a server kit that
+job folders (jobs/cxr_fedavg: FedAvg with the norm and direction screens; jobs/cxr_robust:
+trimmed mean), fed real FLModels, with the consortium's declared counts read from a server kit that
 ``provision`` made from site_configs; and against the SCAFFOLD controller's control
-average and the HE controller's announced weights.
+average and the HE controller's announced weights. The bound is tested with the direction
+screen off (it would reject the negated update before any weight counts; see
+test_direction_screen.py), then the default job as exported.
 """
 
 import json
@@ -121,8 +123,9 @@ def test_provisioning_carries_the_declared_counts_into_the_server_kit_and_each_h
 
 def test_inflated_flipped_update_is_held_to_the_declared_count_on_the_default_job(server_kit, tmp_path):
     server = next(k.path for k in server_kit.kits if k.type == "server")
-    unbounded = _job_aggregator("cxr_fedavg", claim_cap=None)  # today's weights: the claim itself
-    bounded = _job_aggregator("cxr_fedavg")
+    # The weights as they were: the claim itself (and no direction screen).
+    unbounded = _job_aggregator("cxr_fedavg", claim_cap=None, min_cosine=None)
+    bounded = _job_aggregator("cxr_fedavg", min_cosine=None)
     bounded.handle_event(EventType.START_RUN, _fl_ctx(server))  # reads the kit's declared counts
     assert bounded.declared == dict(zip(SITES, COUNTS))
 
@@ -156,9 +159,22 @@ def test_inflated_flipped_update_is_held_to_the_declared_count_on_the_default_jo
         unbounded.accept_model(m)
     assert _cos(unbounded.aggregate_model().params["w"], direction) < -0.5
 
+    # The default job as exported: the direction screen rejects the liar outright, and the
+    # bound still records its claim.
+    default = _job_aggregator("cxr_fedavg")
+    default.handle_event(EventType.START_RUN, _fl_ctx(server))
+    for m in models:
+        default.accept_model(m)
+    result = default.aggregate_model()
+    liar = next(s for s in default.history[0]["sites"] if s["site"] == SITES[ATTACKER])
+    assert not liar["accepted"] and "cosine similarity" in liar["reason"] and liar["update_cosine"] < 0
+    assert liar["allowed_samples"] == 300
+    expected = sum(n * m.params["w"] for n, m in list(zip(COUNTS, models))[1:]) / sum(COUNTS[1:])
+    np.testing.assert_allclose(result.params["w"], expected, rtol=1e-5, atol=1e-7)
+
 
 def test_without_declared_counts_a_claim_is_held_to_k_times_the_median_claim():
-    agg = _job_aggregator("cxr_fedavg")  # the simulator: no kit, so no declared counts
+    agg = _job_aggregator("cxr_fedavg", min_cosine=None)  # the simulator: no kit, so no declared counts
     models, _ = _round(_inflated())
     for m in models:
         agg.accept_model(m)
@@ -200,7 +216,10 @@ def test_cxr_robust_rule_ignores_the_claim_and_records_the_clip(server_kit, flip
         agg.accept_model(m)
     result = agg.aggregate_model()
 
-    stacked = np.sort(np.stack([m.params["w"] for m in models]), axis=0)
+    # A negated update is left out by the direction screen before the rule runs.
+    kept = [m for i, m in enumerate(models) if not (flip and i == ATTACKER)]
+    assert [s["accepted"] for s in agg.history[0]["sites"]] == [not (flip and i == ATTACKER) for i in range(5)]
+    stacked = np.sort(np.stack([m.params["w"] for m in kept]), axis=0)
     np.testing.assert_allclose(result.params["w"], stacked[1:-1].mean(axis=0), rtol=1e-5, atol=1e-7)
     assert _cos(result.params["w"], direction) > 0.9
     assert agg.history[0]["aggregation"]["weight_clips"][0]["basis"] == "declared"
@@ -263,3 +282,40 @@ def test_he_controller_announces_weights_bounded_by_the_declared_counts(server_k
     ctl.fl_ctx = _fl_ctx(tmp_path)  # a workspace without declared counts: k x the median claim
     p = ctl._announced_weights(counts, SITES)
     assert p[SITES[ATTACKER]] < 0.5
+
+
+def test_he_round_rejects_a_text_metric_and_goes_on():
+    """The HE aggregator averages the sites' plaintext metrics itself: a text metric must not stop it."""
+    tenseal = pytest.importorskip("tenseal")
+    del tenseal
+    from hospital_fl.privacy import he
+    from hospital_fl.privacy.he_params import CKKSParams
+
+    params = CKKSParams()
+    site_ctx = he.make_context(params)
+    agg = EncryptedSumAggregator()
+    agg.context = he.context_from_bytes(he.server_context_bytes(site_ctx), role="server")
+    agg.key_id = he.context_fingerprint(site_ctx)
+    rng = np.random.default_rng(0)
+    reference = {"w": rng.normal(0, 0.1, 64).astype(np.float32)}
+    lies = {SITES[1]: "high", SITES[2]: float("nan")}
+    for site, n in zip(SITES, COUNTS):
+        update = {"w": (reference["w"] + rng.normal(0, 0.01, 64)).astype(np.float32)}
+        payload = he.encrypt_update(update, reference, n / sum(COUNTS), site_ctx, params, workers=1)
+        agg.accept_model(
+            FLModel(
+                params_type=ParamsType.FULL,
+                params=payload,
+                metrics={"val_auc": lies.get(site, 0.8)},
+                current_round=0,
+                meta={"client_name": site, "n_samples": n},
+            )
+        )
+    result = agg.aggregate_model()
+
+    sites = {s["site"]: s for s in agg.history[0]["sites"]}
+    assert "metric 'val_auc' is a str ('high')" in sites[SITES[1]]["reason"]
+    assert "metric 'val_auc' is nan" in sites[SITES[2]]["reason"]
+    assert not sites[SITES[1]]["accepted"] and not sites[SITES[2]]["accepted"]
+    assert result.meta["hospital_fl_he_sites"] == [SITES[0], SITES[3], SITES[4]]
+    assert result.metrics == {"val_auc": pytest.approx(0.8)}

@@ -154,3 +154,17 @@ def test_scaffold_control_update_follows_option_two():
     np.testing.assert_allclose(delta["w"], [0.15], rtol=1e-5)
     with pytest.raises(ValueError, match="lr_sum must be > 0"):
         control_update(c, ci, c, c, 0.0)
+
+
+def test_update_cosines_equal_the_flat_computation_over_every_float_entry():
+    from hospital_fl.aggregation.direction import update_cosines
+
+    rng = np.random.default_rng(3)
+    updates = [
+        {"a": rng.normal(size=(6, 5)).astype(np.float32), "b": rng.normal(size=4), "n": np.array(i, np.int64)}
+        for i in range(5)
+    ]
+    flat = np.stack([np.concatenate([u["a"].ravel(), u["b"]]) for u in updates])
+    median = np.median(flat, axis=0)
+    expected = flat @ median / (np.linalg.norm(flat, axis=1) * np.linalg.norm(median))
+    np.testing.assert_allclose(update_cosines(updates), expected, rtol=1e-5)

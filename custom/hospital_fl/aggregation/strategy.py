@@ -1,8 +1,9 @@
 """The server's aggregation rule as typed config, and one round's aggregation as a pure function.
 
 ``aggregate_round`` is what the FLARE aggregator (hospital_fl.flare.aggregator) and the
-in-process federation both run: validate each update, drop norm outliers, then combine the
-rest with the configured rule. It never raises on a site's bad update; it reports it.
+in-process federation both run: validate each update, drop norm outliers, drop updates that
+point against the round's median update (the direction screen), then combine the rest with
+the configured rule. It never raises on a site's bad update; it reports it.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from hospital_fl.aggregation.direction import DEFAULT_MIN_COSINE, direction_outliers, update_cosines
 from hospital_fl.aggregation.robust import coordinate_median, multi_krum, norm_bounded_mean, trimmed_mean
 from hospital_fl.aggregation.validation import norm_outliers, update_norm, update_problem
 from hospital_fl.aggregation.weighted import weighted_mean
@@ -41,6 +43,10 @@ class AggregationConfig:
         claim_cap: k: a site without a declared image count weighs at most k x the
             round's median claimed count (hospital_fl.aggregation.weights); None leaves
             such claims unbounded. A declared count always bounds its site's weight.
+        min_cosine: reject an update whose cosine similarity with the round's
+            coordinate-wise median update is below this, after the norm screen (None: no
+            direction check); needs 3 updates and never rejects a majority
+            (hospital_fl.aggregation.direction). Catches a negated update of ordinary norm.
     """
 
     rule: str = "fedavg"
@@ -50,6 +56,7 @@ class AggregationConfig:
     norm_bound: float | None = None
     outlier_factor: float | None = 10.0
     claim_cap: float | None = DEFAULT_CAP_FACTOR
+    min_cosine: float | None = DEFAULT_MIN_COSINE
 
     def __post_init__(self):
         checks = [
@@ -74,6 +81,17 @@ class AggregationConfig:
                 self.claim_cap is None or (isinstance(self.claim_cap, (int, float)) and self.claim_cap >= 1),
                 "it must be >= 1 (a multiple of the round's median claimed count)",
                 f"use {DEFAULT_CAP_FACTOR:g}",
+            ),
+            (
+                "min_cosine",
+                self.min_cosine is None
+                or (
+                    isinstance(self.min_cosine, (int, float))
+                    and not isinstance(self.min_cosine, bool)
+                    and -1 <= self.min_cosine < 1
+                ),
+                "it must lie in [-1, 1) (a cosine similarity with the round's median update) or be None",
+                f"use {DEFAULT_MIN_COSINE:g}, or None to switch the direction check off",
             ),
         ]
         for name, ok, rule, fix in checks:
@@ -115,6 +133,7 @@ class RoundAggregation:
     norms: list[float]
     info: dict = field(default_factory=dict)
     weights: list[float] = field(default_factory=list)  # per update: its bounded weight (nan: invalid)
+    cosines: list[float] = field(default_factory=list)  # per update: cosine with the median update (nan: unscreened)
 
 
 def aggregate_round(
@@ -136,6 +155,8 @@ def aggregate_round(
         declared: per update, the image count the consortium declared for its site (None:
             none declared); bounds the site's weight (hospital_fl.aggregation.weights).
 
+    The direction screen runs on the updates that passed the norm screen; ``cosines`` holds
+    each one's cosine with their coordinate-wise median (nan where not computed).
     Weights (FedAvg, norm_bounded, multi-Krum) are the bounded claims; ``info["weight_clips"]``
     lists each bounded claim as {"index", "claimed", "allowed", "basis"}.
     """
@@ -154,6 +175,17 @@ def aggregate_round(
                 f"its norm {norms[j]:.4g} exceeds {cfg.outlier_factor:g} x the round's median update norm {median:.4g}"
             )
     accepted = [i for i in valid if i not in rejected]
+    all_cosines = [float("nan")] * len(updates)
+    if cfg.min_cosine is not None and len(accepted) >= 3:
+        cosines = update_cosines([updates[i] for i in accepted])
+        for i, c in zip(accepted, cosines):
+            all_cosines[i] = c
+        for j in direction_outliers(cosines, cfg.min_cosine):
+            rejected[accepted[j]] = (
+                f"its direction's cosine similarity {cosines[j]:.3f} with the round's median update is below "
+                f"the floor {cfg.min_cosine:g} (it points against the other sites' updates)"
+            )
+        accepted = [i for i in accepted if i not in rejected]
     norm_of = dict(zip(valid, norms))
     all_norms = [norm_of.get(i, float("nan")) for i in range(len(updates))]
     bounded, clips = bounded_weights(
@@ -175,6 +207,7 @@ def aggregate_round(
                 **({"weight_clips": clip_info} if clip_info else {}),
             },
             all_weights,
+            all_cosines,
         )
     chosen = [updates[i] for i in accepted]
     weights = [weight_of[i] for i in accepted]
@@ -193,7 +226,7 @@ def aggregate_round(
         select = 1 if cfg.rule == "krum" else (cfg.select or len(chosen) - cfg.byzantine)
         combined, picked = multi_krum(chosen, weights, cfg.byzantine, select)
         info["selected"] = [accepted[j] for j in picked]
-    return RoundAggregation(combined, accepted, rejected, all_norms, info, all_weights)
+    return RoundAggregation(combined, accepted, rejected, all_norms, info, all_weights, all_cosines)
 
 
 def _majority_layout(updates: Sequence[Mapping[str, np.ndarray]]) -> Mapping[str, np.ndarray] | None:

@@ -2,8 +2,8 @@
 
 Each round every site runs ``run_site_round`` (with its DP mechanism, SCAFFOLD controls or
 uplink compression, when any) and sends a weight difference; the server step is the
-aggregator's maths: ``aggregate_round`` (validation, norm screening and the configured
-rule), or central client-level DP, then FedOpt's server optimiser when configured. An
+aggregator's maths: ``aggregate_round`` (validation, norm and direction screening and the
+configured rule), or central client-level DP, then FedOpt's server optimiser when configured. An
 optional attacking site rewrites its update or trains on flipped labels. Used by
 benchmarks that sweep many settings, where starting FLARE for every point would only add
 the constant start-up the overhead benchmark already measures.
@@ -19,7 +19,7 @@ import torch
 
 from hospital_fl.aggregation.server_optimizer import ServerOptimizer, ServerOptimizerConfig
 from hospital_fl.aggregation.strategy import AggregationConfig, aggregate_round
-from hospital_fl.aggregation.weighted import weighted_mean
+from hospital_fl.aggregation.weights import bounded_weights
 from hospital_fl.compression.codecs import CompressionConfig, decode, encode, payload_bytes
 from hospital_fl.data.federated import FederatedDataset
 from hospital_fl.evaluation.attacks import Attack, claimed_samples, poison_site, poison_update
@@ -120,31 +120,51 @@ def run_federated_in_process(
             updates.append(update)
         train_s.append(sum(o.train_seconds for o in outcomes))
         site_s.append(site_time)
+        claims = [claimed_samples(attack, i, o.n_samples) for i, o in enumerate(outcomes)]
         if contexts is not None:
-            weights, info = _encrypted_round(weights, updates, [o.n_samples for o in outcomes], he, contexts)
+            # As EncryptedFedAvg announces them: p_i from the bounded claims, not the raw ones.
+            bounded, clips = bounded_weights(claims, None, aggregation.claim_cap)
+            weights, info = _encrypted_round(weights, updates, bounded, he, contexts)
             sent[-len(sites) :] = [info["uplink_bytes"]] * len(sites)
-            history.append({"round": rnd, "rejected": {}, "he": info})
+            history.append(
+                {
+                    "round": rnd,
+                    "rejected": {},
+                    "he": info,
+                    **({"weight_clips": [{"index": c.index, **c.as_dict()} for c in clips]} if clips else {}),
+                }
+            )
             continue
         if central is not None:
             step, _ = central.combine(updates)
             history.append({"round": rnd, "rejected": {}})
         else:
-            claims = [claimed_samples(attack, i, o.n_samples) for i, o in enumerate(outcomes)]
             result = aggregate_round(aggregation, updates, claims, reference=weights)
             history.append(
                 {
                     "round": rnd,
                     "rejected": {sites[i].name: why for i, why in result.rejected.items()},
+                    "cosines": {sites[i].name: c for i, c in enumerate(result.cosines) if c == c},
                     **result.info,
                 }
             )
             step = result.update
             if scaffold and step is not None:
+                # As RoundPolicyScaffold does: the accepted sites' control changes pass the
+                # update screen (finite, the majority's layout, the norm screen) and are
+                # averaged with the bounded weights; none accepted keeps the global controls.
                 kept = result.accepted
-                mean_delta = weighted_mean(
-                    [outcomes[i].control_delta for i in kept], [outcomes[i].n_samples for i in kept]
+                controls = aggregate_round(
+                    _control_screen(aggregation),
+                    [outcomes[i].control_delta for i in kept],
+                    [claims[i] for i in kept],
                 )
-                c_global = {k: c_global[k] + mean_delta[k] for k in c_global}
+                if controls.update is not None:
+                    c_global = {k: c_global[k] + controls.update[k] for k in c_global}
+                if controls.rejected:
+                    history[-1]["control_rejected"] = {
+                        sites[kept[j]].name: why for j, why in controls.rejected.items()
+                    }
                 for i in kept:
                     c_local[sites[i].name] = outcomes[i].control
         if step is None:
@@ -186,6 +206,18 @@ def run_federated_in_process(
     )
 
 
+def _control_screen(aggregation: AggregationConfig) -> AggregationConfig:
+    """The screen SCAFFOLD's control changes pass (hospital_fl.flare.controllers.RoundPolicyScaffold).
+
+    No direction screen: a site's control change tracks how its own gradient drifts, which
+    differs between skewed sites by design; a site whose update pointed against the others
+    is already out, control change and all.
+    """
+    return AggregationConfig(
+        outlier_factor=aggregation.outlier_factor, claim_cap=aggregation.claim_cap, min_cosine=None
+    )
+
+
 def _he_contexts(params) -> tuple:
     """A consortium's pair of contexts, as FLARE's HEBuilder makes them: (site, server)."""
     from hospital_fl.privacy import he
@@ -195,7 +227,10 @@ def _he_contexts(params) -> tuple:
 
 
 def _encrypted_round(weights, updates, counts, params, contexts) -> tuple[dict, dict]:
-    """One HE round: each site encrypts its full weights times p_i, the server adds, a site decrypts."""
+    """One HE round: each site encrypts its full weights times p_i, the server adds, a site decrypts.
+
+    ``counts``: each site's bounded weight (p_i = count / sum).
+    """
     from hospital_fl.privacy import he
 
     site_ctx, server_ctx = contexts

@@ -1,9 +1,10 @@
 """FLARE ModelAggregator: screens each site's update, then combines them with the job's rule.
 
-All maths is hospital_fl.aggregation.strategy.aggregate_round (validation, norm screen,
-FedAvg / trimmed mean / median / norm-bounded mean / Krum); this class only turns FLModels
-into plain data and back. A bad update (NaN, wrong names, shapes or dtypes, no sample
-count, a norm far above the round's median) is rejected and logged with the site and the
+All maths is hospital_fl.aggregation.strategy.aggregate_round (validation, norm and
+direction screens, FedAvg / trimmed mean / median / norm-bounded mean / Krum); this class
+only turns FLModels into plain data and back. A bad update (NaN, wrong names, shapes or
+dtypes, no sample count, a norm far above the round's median, a direction against the
+round's median update) is rejected and logged with the site and the
 reason while the round goes on with the others. When fewer acceptable updates remain than
 the rule needs, the round leaves the global model unchanged (logged); when none remain the
 round fails loudly. A round's updates are all full weights or all differences to the
@@ -22,6 +23,7 @@ global model's layout (``DECODE_PROBLEM_KEY``), is rejected with the reason.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -82,7 +84,8 @@ class UpdateAggregator(ModelAggregator):
 
     Args:
         aggregation: AggregationConfig fields (rule, trim, byzantine, select, norm_bound,
-            outlier_factor); None: sample-weighted FedAvg with the norm screen.
+            outlier_factor, claim_cap, min_cosine); None: sample-weighted FedAvg with the
+            norm and direction screens and bounded weights.
         central_dp: DPConfig fields with mechanism "client-central" to add central
             client-level DP instead of the rule; None for none.
         num_rounds: the job's rounds (the central DP noise covers all of them).
@@ -170,8 +173,11 @@ class UpdateAggregator(ModelAggregator):
                     "delta": self._central.dp.delta,
                 }
         else:
+            rule = self.rule
+            if params_type == ParamsType.FULL:  # full weights all point the same way: no direction to screen
+                rule = dataclasses.replace(rule, min_cosine=None)
             result = aggregate_round(
-                self.rule,
+                rule,
                 [p for _, p, _ in updates],
                 [n for _, _, n in updates],
                 declared=[self._declared_for(i) for i, _, _ in updates],
@@ -182,6 +188,9 @@ class UpdateAggregator(ModelAggregator):
                 self._reject(updates[j][0], reason)
             for j, norm in enumerate(result.norms):
                 self._round_sites[updates[j][0]]["update_norm"] = norm
+            for j, cosine in enumerate(result.cosines):
+                if cosine == cosine:  # nan: not screened (rejected earlier, too few updates, screen off)
+                    self._round_sites[updates[j][0]]["update_cosine"] = cosine
             entry["aggregation"] = {k: v for k, v in result.info.items() if k != "weight_clips"}
             if "selected" in result.info:  # Krum: which sites' updates were averaged
                 entry["aggregation"]["selected"] = [

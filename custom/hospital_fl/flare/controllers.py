@@ -109,7 +109,8 @@ class RoundPolicyScaffold(_RoundPolicy, Scaffold):
         controls = [r.meta.get(AlgorithmConstants.SCAFFOLD_CTRL_DIFF) for r in kept]
         declared = self.aggregator.declared or {}
         rule = self.aggregator.rule
-        screen = AggregationConfig(outlier_factor=rule.outlier_factor, claim_cap=rule.claim_cap)
+        # No direction screen: control changes track each site's own gradient drift.
+        screen = AggregationConfig(outlier_factor=rule.outlier_factor, claim_cap=rule.claim_cap, min_cosine=None)
         result = aggregate_round(
             screen,
             [c if isinstance(c, dict) else {} for c in controls],

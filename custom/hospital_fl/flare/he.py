@@ -57,6 +57,7 @@ from nvflare.lighter.constants import ProvFileName
 
 from hospital_fl.errors import InputError
 from hospital_fl.aggregation.strategy import AggregationConfig
+from hospital_fl.aggregation.validation import metrics_problem
 from hospital_fl.aggregation.weights import bounded_weights
 from hospital_fl.flare.aggregator import HISTORY_FILE, read_declared_images
 from hospital_fl.flare.controllers import _RoundPolicy
@@ -418,6 +419,8 @@ class EncryptedSumAggregator(ModelAggregator):
         site = meta.get("client_name", "unknown")
         self._round = model.current_round if model.current_round is not None else self._round
         payload = model.params
+        # The same metric screen as the plaintext aggregator: this class averages them itself.
+        metric_problem = metrics_problem(model.metrics or {})
         entry = {
             "site": site,
             "accepted": True,
@@ -425,12 +428,15 @@ class EncryptedSumAggregator(ModelAggregator):
             "n_samples": meta.get("n_samples"),
             "train_seconds": meta.get("train_seconds"),
             "encrypt_seconds": meta.get("hospital_fl_he_seconds"),
-            "metrics": model.metrics or {},
+            "metrics": (model.metrics or {}) if metric_problem is None else {},
             "privacy": meta.get("privacy"),
             "encrypted": he.is_encrypted(payload),
             "payload_bytes": he.payload_nbytes(payload) if he.is_encrypted(payload) else None,
         }
         self._sites.append(entry)
+        if metric_problem is not None:
+            self._reject(entry, metric_problem)
+            return
         try:
             he.check_payload(
                 payload,
