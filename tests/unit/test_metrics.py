@@ -44,3 +44,13 @@ def test_roc_curve_runs_from_origin_to_corner():
 
     assert (fpr[0], tpr[0], fpr[-1], tpr[-1]) == (0, 0, 1, 1)
     assert np.all(np.diff(fpr) >= 0) and np.all(np.diff(tpr) >= 0)
+
+
+def test_a_site_leaves_out_a_metric_it_could_not_compute():
+    # an AUC on a one-class validation split is NaN; the server rejects an update carrying it
+    from hospital_fl.training.metrics import rank_auc, reportable_metrics
+
+    auc = rank_auc(np.array([0.2, 0.7]), np.array([0, 0]))
+    assert np.isnan(auc)
+    sent = reportable_metrics({"val_auc": auc, "train_loss": 0.4, "hd95": None, "inf": float("inf")})
+    assert sent == {"train_loss": 0.4}

@@ -31,6 +31,7 @@ from hospital_fl.segmentation.pipeline import (
     train_transforms,
 )
 from hospital_fl.training.loops import get_weights, set_weights
+from hospital_fl.training.metrics import reportable_metrics
 
 __all__ = ["SegRoundOutcome", "clear_loader_cache", "get_weights", "run_seg_round", "set_weights"]
 
@@ -145,7 +146,7 @@ def run_seg_round(
         weights = {k: weights[k] - np.asarray(global_weights[k]).astype(weights[k].dtype) for k in weights}
     return SegRoundOutcome(
         weights=weights,
-        metrics=metrics,
+        metrics=reportable_metrics(metrics),
         n_samples=len(train_cases),
         train_seconds=result["seconds"],
         params_type="DIFF" if send_difference else "FULL",

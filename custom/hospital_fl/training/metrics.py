@@ -6,7 +6,18 @@ import numpy as np
 import torch
 from monai.metrics import compute_confusion_matrix_metric, compute_roc_auc, get_confusion_matrix
 
-__all__ = ["binary_metrics", "roc_auc", "rank_auc", "bootstrap_auc_ci", "roc_curve"]
+__all__ = ["binary_metrics", "roc_auc", "rank_auc", "bootstrap_auc_ci", "roc_curve", "reportable_metrics"]
+
+
+def reportable_metrics(metrics: dict[str, float]) -> dict[str, float]:
+    """The metrics a site sends: those it could compute. An AUC on a one-class validation split
+    is NaN; the server rejects a whole update that carries a non-finite metric (a lying site
+    could send one), so an honest site leaves such a metric out instead."""
+    return {
+        name: float(v)
+        for name, v in metrics.items()
+        if isinstance(v, (int, float, np.number)) and not isinstance(v, bool) and np.isfinite(v)
+    }
 
 
 def roc_auc(probs: np.ndarray, labels: np.ndarray) -> float:

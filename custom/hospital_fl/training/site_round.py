@@ -20,7 +20,7 @@ from hospital_fl.models.cxr import ModelConfig, build_cxr_model
 from hospital_fl.privacy.site import SitePrivacy
 from hospital_fl.training.config import TrainConfig
 from hospital_fl.training.loops import get_weights, predict_proba, set_weights, train_local
-from hospital_fl.training.metrics import rank_auc
+from hospital_fl.training.metrics import rank_auc, reportable_metrics
 from hospital_fl.training.scaffold import control_update, correction
 
 __all__ = ["RoundOutcome", "run_site_round", "score_global"]
@@ -87,7 +87,7 @@ def run_site_round(
         )
     trained = get_weights(model)
     if privacy is None:
-        metrics = {**scores, "train_loss": result.mean_loss}
+        metrics = reportable_metrics({**scores, "train_loss": result.mean_loss})
         new_control = control_delta = None
         if scaffold is not None:
             new_control, control_delta = control_update(*scaffold, global_weights, trained, result.lr_sum)
@@ -107,7 +107,7 @@ def run_site_round(
     delta = _difference(trained, global_weights)
     return RoundOutcome(
         weights=privacy.privatize_update(delta),
-        metrics={"train_loss": released["train_loss"], "grad_norm": released["grad_norm"]},
+        metrics=reportable_metrics({"train_loss": released["train_loss"], "grad_norm": released["grad_norm"]}),
         n_samples=max(1, int(round(released["n_samples"]))),
         train_seconds=result.seconds,
         params_type="DIFF",
