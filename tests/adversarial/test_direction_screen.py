@@ -147,3 +147,13 @@ def test_real_skewed_hospitals_pass_and_a_sign_flipping_one_is_rejected():
         assert "cosine similarity" in rnd["rejected"][data.sites[0].name]
         honest = [c for name, c in rnd["cosines"].items() if name != data.sites[0].name]
         assert rnd["cosines"][data.sites[0].name] < 0 < min(honest)
+
+
+def test_the_screen_never_starves_krum_which_weeds_the_outlier_out_itself():
+    updates, shared = _updates(seed=2)
+    updates[0] = -updates[0]
+    result = aggregate_round(AggregationConfig(rule="multi_krum"), [{"w": u} for u in updates], COUNTS)
+    assert result.update is not None and not result.rejected  # Krum on 5 sites needs all 5
+    assert 0 not in result.info["selected"] and _cos(result.update["w"], shared) > 0.5
+    trimmed = aggregate_round(AggregationConfig(rule="trimmed_mean"), [{"w": u} for u in updates], COUNTS)
+    assert list(trimmed.rejected) == [0]  # 4 left: enough for a trimmed mean dropping 1 per side

@@ -45,8 +45,9 @@ class AggregationConfig:
             such claims unbounded. A declared count always bounds its site's weight.
         min_cosine: reject an update whose cosine similarity with the round's
             coordinate-wise median update is below this, after the norm screen (None: no
-            direction check); needs 3 updates and never rejects a majority
-            (hospital_fl.aggregation.direction). Catches a negated update of ordinary norm.
+            direction check); needs 3 updates, never rejects a majority and never leaves
+            fewer updates than the rule needs (hospital_fl.aggregation.direction). Catches
+            a negated update of ordinary norm.
     """
 
     rule: str = "fedavg"
@@ -180,7 +181,11 @@ def aggregate_round(
         cosines = update_cosines([updates[i] for i in accepted])
         for i, c in zip(accepted, cosines):
             all_cosines[i] = c
-        for j in direction_outliers(cosines, cfg.min_cosine):
+        flagged = direction_outliers(cosines, cfg.min_cosine)
+        # Never starve the rule: Krum on 5 sites needs all 5 and weeds the outlier out itself.
+        if len(accepted) - len(flagged) < cfg.min_updates():
+            flagged = []
+        for j in flagged:
             rejected[accepted[j]] = (
                 f"its direction's cosine similarity {cosines[j]:.3f} with the round's median update is below "
                 f"the floor {cfg.min_cosine:g} (it points against the other sites' updates)"
