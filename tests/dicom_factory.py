@@ -144,3 +144,18 @@ def plant_phi(ds: pydicom.Dataset) -> list[str]:
     block.add_new(0x02, "SH", "BED-4B")
     return [*planted.values(), "ELSEWHERE_AE", "ELSEWHERE PRIVATE", "NESTED^PERSON", "JDOE-LEAF",
             "TEXTVALUE", "JDOE-SCHED", "20250307", "JDOE-PURPOSE", "REFPRIV", "JDOE-LUT", "JDOE-PRIV", "BED-4B"]  # fmt: skip
+
+
+def ingest_export(
+    export: Path, label_rows: list[str], consent_rows: list[str], csv_dir: Path, site: str, out: Path
+) -> None:
+    """Write a PACS export's labels and consent CSVs (``site``-prefixed, in ``csv_dir``) and
+    ingest the export into ``out`` at the demo's 28x28, as a site operator would."""
+    from hospital_fl.data.ingest.consent import read_consent
+    from hospital_fl.data.ingest.labels import read_labels
+    from hospital_fl.data.ingest.pipeline import IngestConfig, ingest
+
+    labels, consent = csv_dir / f"{site}-labels.csv", csv_dir / f"{site}-consent.csv"
+    labels.write_text("\n".join(["file,label", *label_rows]) + "\n")
+    consent.write_text("\n".join(["patient_id,status,date", *consent_rows]) + "\n")
+    ingest(export, read_labels(labels), out, read_consent(consent), IngestConfig(image_size=28, workers=1))

@@ -14,6 +14,7 @@ import shutil
 import numpy as np
 import pytest
 import tenseal as ts
+from flare_messages import round_task, site_context
 from hospital_fl.errors import InputError
 from hospital_fl.flare import he as flare_he
 from hospital_fl.flare.provision import provision
@@ -22,11 +23,8 @@ from hospital_fl.privacy.he_kit import HE_KIT_FILE, HEKitFacts, read_kit_facts
 from hospital_fl.privacy.he_packing import canary_units
 from hospital_fl.privacy.he_params import CKKSParams
 from nvflare.apis.dxo import DXO, DataKind
-from nvflare.apis.fl_constant import ReservedKey
-from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import Shareable
 from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
-from nvflare.app_common.app_constant import AppConstants
 from nvflare.fuel.sec.security_content_service import SecurityContentManager, SecurityContentService
 
 PARAMS = CKKSParams()
@@ -45,17 +43,6 @@ def _model(seed: int) -> dict[str, np.ndarray]:
     return {"conv.weight": rng.normal(0, 0.1, (8, 1, 3, 3)).astype(np.float32), "fc.bias": rng.normal(0, 0.1, 2)}
 
 
-def _fl_ctx(site: str, job: str) -> FLContext:
-    ctx = FLContext()
-    ctx.set_prop(ReservedKey.IDENTITY_NAME, site, private=False, sticky=False)
-    ctx.set_prop(ReservedKey.RUN_NUM, job, private=False, sticky=False)
-    return ctx
-
-
-def _task(rnd: int) -> Shareable:
-    task = Shareable()
-    task.set_header(AppConstants.CURRENT_ROUND, rnd)
-    return task
 
 
 class Round:
@@ -76,11 +63,11 @@ class Round:
             self.receive(site, DXO(DataKind.WEIGHTS, data=self.initial, meta=meta), 0)  # the round-0 model is accepted
             diff = {k: (v * 0 + 0.01 * (i + 1)).astype(v.dtype) for k, v in self.initial.items()}
             self.updates[site] = {k: self.initial[k] + diff[k] for k in diff}
-            sent = self.encrypt.process_dxo(DXO(DataKind.WEIGHT_DIFF, data=diff), Shareable(), _fl_ctx(site, job))
+            sent = self.encrypt.process_dxo(DXO(DataKind.WEIGHT_DIFF, data=diff), Shareable(), site_context(site, job))
             self.payloads[site] = sent.data
 
     def receive(self, site: str, dxo: DXO, rnd: int) -> DXO:
-        return self.decrypt.process_dxo(dxo, _task(rnd), _fl_ctx(site, self.job))
+        return self.decrypt.process_dxo(dxo, round_task(rnd), site_context(site, self.job))
 
     def state(self, site: str) -> dict:
         return flare_he._ROUND_STATE[(site, self.job)]
@@ -188,7 +175,7 @@ def test_plaintext_is_accepted_only_as_the_jobs_first_model(contexts, monkeypatc
     monkeypatch.setitem(flare_he._SITE_CONTEXTS, "job-late", site_ctx)
     late = flare_he.DecryptGlobalModel()
     with pytest.raises(InputError, match="plaintext for round 2 marked initial"):
-        late.process_dxo(DXO(DataKind.WEIGHTS, data=_model(9), meta=initial), _task(2), _fl_ctx("site-1", "job-late"))
+        late.process_dxo(DXO(DataKind.WEIGHTS, data=_model(9), meta=initial), round_task(2), site_context("site-1", "job-late"))
 
 
 @pytest.fixture(scope="module")

@@ -17,11 +17,8 @@ import textwrap
 
 import numpy as np
 import pytest
-from dicom_factory import upscale, write_cxr
-from hospital_fl.data.ingest.consent import read_consent
-from hospital_fl.data.ingest.labels import read_labels
+from dicom_factory import ingest_export, upscale, write_cxr
 from hospital_fl.data.ingest.manifest import read_usage
-from hospital_fl.data.ingest.pipeline import IngestConfig, ingest
 from hospital_fl.data.ingest.site_dataset import SITE_STATE_ENV
 
 PATIENTS = 12
@@ -83,7 +80,7 @@ def readonly_site(tmp_path, federated_data, monkeypatch):
     by_label = [np.flatnonzero(source.labels == c) for c in (0, 1)]
     for offset, site in enumerate(("site-1", "site-2")):
         export = tmp_path / f"{site}-pacs"
-        rows, consent = ["file,label"], ["patient_id,status,date"]
+        rows, consent = [], []
         # each patient has one normal and one pneumonia image, so every patient-level portion
         # (train, validation, local test) holds both classes and its AUC is defined
         for p in range(PATIENTS):
@@ -93,15 +90,7 @@ def readonly_site(tmp_path, federated_data, monkeypatch):
                 write_cxr(export / name, upscale(source.images[i], 256), patient_id=f"{site}-P{p:02d}")
                 rows.append(f"{name},{label}")
             consent.append(f"{site}-P{p:02d},granted,2026-01-01")
-        (tmp_path / f"{site}-labels.csv").write_text("\n".join(rows) + "\n")
-        (tmp_path / f"{site}-consent.csv").write_text("\n".join(consent) + "\n")
-        ingest(
-            export,
-            read_labels(tmp_path / f"{site}-labels.csv"),
-            data / site,
-            read_consent(tmp_path / f"{site}-consent.csv"),
-            IngestConfig(image_size=28, workers=1),
-        )
+        ingest_export(export, rows, consent, tmp_path, site, data / site)
     subprocess.run(["chmod", "-R", "a-w", str(data)], check=True)
     guard = tmp_path / "guard"
     guard.mkdir()

@@ -9,11 +9,8 @@ import datetime as dt
 import json
 
 import pytest
-from dicom_factory import upscale, write_cxr
-from hospital_fl.data.ingest.consent import read_consent
-from hospital_fl.data.ingest.labels import read_labels
+from dicom_factory import ingest_export, upscale, write_cxr
 from hospital_fl.data.ingest.manifest import read_usage
-from hospital_fl.data.ingest.pipeline import IngestConfig, ingest
 from hospital_fl.data.ingest.site_dataset import SITE_STATE_ENV
 
 pytestmark = pytest.mark.integration
@@ -28,20 +25,12 @@ def site_datasets(tmp_path_factory, federated_data):
     for site, index in SOURCE_SITES.items():
         source = federated_data.sites[index].train
         export = root / f"{site}-pacs"
-        rows, consent = ["file,label"], ["patient_id,status,date"]
+        rows, consent = [], []
         for i in range(min(PER_SITE, len(source))):
             write_cxr(export / f"img{i:04d}.dcm", upscale(source.images[i], 256), patient_id=f"{site}-P{i:04d}")
             rows.append(f"img{i:04d}.dcm,{int(source.labels[i])}")
             consent.append(f"{site}-P{i:04d},granted,2026-01-01")
-        (root / f"{site}-labels.csv").write_text("\n".join(rows) + "\n")
-        (root / f"{site}-consent.csv").write_text("\n".join(consent) + "\n")
-        ingest(
-            export,
-            read_labels(root / f"{site}-labels.csv"),
-            root / site,
-            read_consent(root / f"{site}-consent.csv"),
-            IngestConfig(image_size=28, workers=1),
-        )
+        ingest_export(export, rows, consent, root, site, root / site)
     return root
 
 

@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from flare_messages import round_task, site_context
 from hospital_fl.errors import InputError
 from hospital_fl.flare import he as flare_he
 from hospital_fl.privacy import he
 from hospital_fl.privacy.he_params import CKKSParams
 from nvflare.apis.dxo import DXO, DataKind
-from nvflare.apis.fl_constant import ReservedKey
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import Shareable
 from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
-from nvflare.app_common.app_constant import AppConstants
 
 PARAMS = CKKSParams()
 
@@ -82,16 +81,7 @@ def test_a_round_of_only_refused_updates_fails_loudly(consortium):
 
 
 def _fl_ctx(job: str) -> FLContext:
-    ctx = FLContext()
-    ctx.set_prop(ReservedKey.IDENTITY_NAME, "site-1", private=False, sticky=False)
-    ctx.set_prop(ReservedKey.RUN_NUM, job, private=False, sticky=False)
-    return ctx
-
-
-def _task(rnd: int) -> Shareable:
-    task = Shareable()
-    task.set_header(AppConstants.CURRENT_ROUND, rnd)
-    return task
+    return site_context("site-1", job)
 
 
 def test_site_refuses_a_plaintext_model_after_the_initial_one(consortium, monkeypatch):
@@ -102,7 +92,7 @@ def test_site_refuses_a_plaintext_model_after_the_initial_one(consortium, monkey
     initial = _weights(0)
     meta = {flare_he.PLAINTEXT_INITIAL_KEY: True, flare_he.WEIGHTS_KEY: {"site-1": 0.5}}
 
-    received = decrypt.process_dxo(DXO(DataKind.WEIGHTS, data=initial, meta=meta), _task(0), fl_ctx)
+    received = decrypt.process_dxo(DXO(DataKind.WEIGHTS, data=initial, meta=meta), round_task(0), fl_ctx)
     assert flare_he.PLAINTEXT_INITIAL_KEY not in received.meta
     # The executor sends a difference; the filter sends the full weights times 0.5, encrypted.
     diff = {k: np.full_like(v, 0.01) for k, v in initial.items()}
@@ -114,7 +104,7 @@ def test_site_refuses_a_plaintext_model_after_the_initial_one(consortium, monkey
 
     for late in ({}, {flare_he.PLAINTEXT_INITIAL_KEY: True}):
         with pytest.raises(InputError, match="only the first model of the job .* may arrive in plaintext"):
-            decrypt.process_dxo(DXO(DataKind.WEIGHTS, data=initial, meta=late), _task(1), fl_ctx)
+            decrypt.process_dxo(DXO(DataKind.WEIGHTS, data=initial, meta=late), round_task(1), fl_ctx)
 
 
 def test_encrypted_global_model_file_round_trips_and_refuses_other_files(consortium, tmp_path):
