@@ -15,12 +15,12 @@ import numpy as np
 import pytest
 from hospital_fl.aggregation.direction import direction_outliers, update_cosines
 from hospital_fl.aggregation.strategy import AggregationConfig, aggregate_round
+from hospital_fl.bench.attacks import Attack
+from hospital_fl.bench.federated_loop import run_federated_in_process
 from hospital_fl.data.federated import load_federated
 from hospital_fl.errors import InputError
-from hospital_fl.evaluation.attacks import Attack
-from hospital_fl.evaluation.federated_loop import run_federated_in_process
 from hospital_fl.flare.aggregator import UpdateAggregator
-from hospital_fl.flare.jobs import STANDARD_JOBS
+from hospital_fl.flare.recipes.cxr import STANDARD_JOBS
 from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -17,7 +17,7 @@ import tenseal as ts
 from flare_messages import round_task, site_context
 from hospital_fl.errors import InputError
 from hospital_fl.flare import he as flare_he
-from hospital_fl.flare.provision import provision
+from hospital_fl.flare.kits.provision import provision
 from hospital_fl.privacy import he
 from hospital_fl.privacy.he_kit import HE_KIT_FILE, HEKitFacts, read_kit_facts
 from hospital_fl.privacy.he_packing import canary_units

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 from hospital_fl.flare.job_type_gate import JobTypeValidator
-from hospital_fl.flare.site_policy import allow_bundle_components
+from hospital_fl.flare.kits.site_policy import allow_bundle_components
 from hospital_fl.privacy.setup import init_site_privacy
 from hospital_fl.provisioning.schema import JOB_TYPES
 from nvflare.apis.fl_constant import SiteType
@@ -36,7 +36,7 @@ JOBS = Path(__file__).resolve().parents[2] / "jobs"
 SITE = "site-1"
 FUNCTIONS = {
     "write": "hospital_fl.flare.provision.write",
-    "export_recipe": "hospital_fl.flare.jobs.export_recipe",
+    "export_recipe": "hospital_fl.flare.recipes.cxr.export_recipe",
     "init_site_privacy": "hospital_fl.privacy.setup.init_site_privacy",
 }
 

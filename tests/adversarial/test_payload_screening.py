@@ -17,12 +17,12 @@ import pytest
 from hospital_fl.compression.codecs import MAX_DECODED_VALUES, CompressionConfig, decode, encode
 from hospital_fl.data.splits import SplitConfig
 from hospital_fl.errors import InputError
-from hospital_fl.flare import jobs
 from hospital_fl.flare.aggregator import UpdateAggregator
 from hospital_fl.flare.filters import DecompressUpdate
-from hospital_fl.flare.jobs import JobSpec
-from hospital_fl.flare.simulate import environment, read_job_result, simulator_env
-from hospital_fl.flare.site_policy import allow_bundle_components
+from hospital_fl.flare.kits.site_policy import allow_bundle_components
+from hospital_fl.flare.recipes import cxr as jobs
+from hospital_fl.flare.runners.simulator import environment, read_job_result, simulator_env
+from hospital_fl.jobspec import JobSpec
 from hospital_fl.training.config import TrainConfig
 from nvflare.apis.dxo import DXO, DataKind
 from nvflare.apis.fl_context import FLContext

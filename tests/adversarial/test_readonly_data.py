@@ -118,8 +118,8 @@ def test_the_guard_refuses_writes_under_the_data_folder(readonly_site):
 
 def test_a_site_dataset_on_a_read_only_folder_trains_through_the_real_executor(readonly_site, tmp_path, monkeypatch):
     from hospital_fl.data.splits import SplitConfig
-    from hospital_fl.flare.jobs import JobSpec
-    from hospital_fl.flare.simulate import run_in_simulator
+    from hospital_fl.flare.runners.simulator import run_in_simulator
+    from hospital_fl.jobspec import JobSpec
     from hospital_fl.training.config import TrainConfig
 
     data, log = readonly_site

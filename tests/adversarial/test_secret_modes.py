@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from hospital_fl import cli_kit
-from hospital_fl.flare.provision import add_site, provision
+from hospital_fl.cli import kit as cli_kit
+from hospital_fl.flare.kits.provision import add_site, provision
 
 pytestmark = pytest.mark.integration
 

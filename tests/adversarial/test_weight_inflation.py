@@ -21,7 +21,7 @@ from hospital_fl.aggregation.weights import DECLARED_IMAGES_FILE, bounded_weight
 from hospital_fl.flare.aggregator import HISTORY_FILE, UpdateAggregator
 from hospital_fl.flare.controllers import RoundPolicyScaffold
 from hospital_fl.flare.he import EncryptedFedAvg, EncryptedSumAggregator
-from hospital_fl.flare.provision import provision
+from hospital_fl.flare.kits.provision import provision
 from nvflare.apis.event_type import EventType
 from nvflare.apis.fl_constant import ReservedKey
 from nvflare.apis.fl_context import FLContext

@@ -10,10 +10,10 @@ import pytest
 import yaml
 from cryptography import x509
 from hospital_fl.audit import read_trail, verify_trail
-from hospital_fl.cli_provision import add_provision_commands
+from hospital_fl.cli.provision import add_provision_commands
 from hospital_fl.errors import InputError
-from hospital_fl.flare import provision as provision_module
-from hospital_fl.flare.provision import add_site, provision
+from hospital_fl.flare.kits import provision as provision_module
+from hospital_fl.flare.kits.provision import add_site, provision
 from hospital_fl.provisioning.project import render_project
 from hospital_fl.provisioning.schema import load_site_configs
 from nvflare.lighter.utils import verify_folder_signature

@@ -12,9 +12,9 @@ import torch
 from hospital_fl.data.splits import SplitConfig
 from hospital_fl.errors import InputError
 from hospital_fl.flare.he import CIPHERTEXT_MODEL_FILE, FINAL_METRICS_FILE, load_payload
-from hospital_fl.flare.jobs import JobSpec
-from hospital_fl.flare.poc import run_in_poc
-from hospital_fl.flare.simulate import run_in_simulator
+from hospital_fl.flare.runners.poc import run_in_poc
+from hospital_fl.flare.runners.simulator import run_in_simulator
+from hospital_fl.jobspec import JobSpec
 from hospital_fl.models.cxr import CXRClassifier
 from hospital_fl.privacy import he
 from hospital_fl.privacy.he_params import CKKSParams

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-from hospital_fl import cli_kit
+from hospital_fl.cli import kit as cli_kit
 from hospital_fl.errors import InputError
-from hospital_fl.flare import kit_verify
-from hospital_fl.flare.kit_verify import KitVerification, verify_kit
-from hospital_fl.flare.provision import provision
+from hospital_fl.flare.kits import verify as kit_verify
+from hospital_fl.flare.kits.provision import provision
+from hospital_fl.flare.kits.verify import KitVerification, verify_kit
 from hospital_fl.privacy import policy
 
 pytestmark = pytest.mark.integration

@@ -14,9 +14,11 @@ from pathlib import Path
 import pytest
 import yaml
 from hospital_fl.audit import read_trail, verify_trail
-from hospital_fl.bench_provision import TINY_JOB, free_ports
-from hospital_fl.flare.jobs import export_job
-from hospital_fl.flare.poc import (
+from hospital_fl.bench.provision import TINY_JOB, free_ports
+from hospital_fl.flare.kits.provision import add_site, provision
+from hospital_fl.flare.profile_job import ProfileRecipe
+from hospital_fl.flare.recipes.cxr import export_job
+from hospital_fl.flare.runners.poc import (
     connected_clients,
     kit_env,
     poc_processes,
@@ -26,8 +28,6 @@ from hospital_fl.flare.poc import (
     system_from_kits,
     wait_for_job,
 )
-from hospital_fl.flare.profile_job import ProfileRecipe
-from hospital_fl.flare.provision import add_site, provision
 from hospital_fl.privacy.setup import init_site_privacy
 from hospital_fl.provisioning.rehearsal import MEMBER, PROJECT_ADMIN, loopback_site_configs, write_site_configs
 from nvflare.fuel.flare_api.api_spec import AuthorizationError
@@ -86,7 +86,7 @@ def test_a_job_naming_bundle_functions_is_refused_at_deploy_and_runs_nothing(con
     target, fresh = root / "written_by_a_job.sh", root / "fresh_site"
     harm = {
         "hospital_fl.flare.provision.write": {"file_full_path": str(target), "content": "x", "mode": "t", "exe": True},
-        "hospital_fl.flare.jobs.export_recipe": {"recipe": "any", "name": "privacy", "jobs_dir": str(site_1)},
+        "hospital_fl.flare.recipes.cxr.export_recipe": {"recipe": "any", "name": "privacy", "jobs_dir": str(site_1)},
         "hospital_fl.privacy.setup.init_site_privacy": {"workspace_root": str(fresh), "site": "site-1"},
     }
     job = _for_sites(export_job(TINY_JOB, root / "jobs_functions"), ["site-1", "site-2"])

@@ -11,8 +11,8 @@ import pytest
 import torch
 from hospital_fl.data.splits import SplitConfig
 from hospital_fl.errors import InputError
-from hospital_fl.flare.jobs import JobSpec
-from hospital_fl.flare.poc import run_in_poc
+from hospital_fl.flare.runners.poc import run_in_poc
+from hospital_fl.jobspec import JobSpec
 from hospital_fl.models.cxr import CXRClassifier
 from hospital_fl.training.config import TrainConfig
 

@@ -5,8 +5,8 @@ import json
 
 import pytest
 from hospital_fl.data.splits import SplitConfig
-from hospital_fl.flare.jobs import JobSpec
-from hospital_fl.flare.simulate import run_in_simulator
+from hospital_fl.flare.runners.simulator import run_in_simulator
+from hospital_fl.jobspec import JobSpec
 from hospital_fl.privacy.accounting import epsilon_of
 from hospital_fl.privacy.config import DPConfig
 from hospital_fl.privacy.ledger import PrivacyLedger

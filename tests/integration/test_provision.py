@@ -9,9 +9,10 @@ import pytest
 import yaml
 from cryptography import x509
 from hospital_fl.errors import InputError
-from hospital_fl.flare import provision as provision_module
-from hospital_fl.flare.provision import HospitalKitBuilder, provision
-from hospital_fl.flare.site_policy import BUNDLE_ALLOW_LIST
+from hospital_fl.flare.kits import provision as provision_module
+from hospital_fl.flare.kits.provision import provision
+from hospital_fl.flare.kits.site_policy import BUNDLE_ALLOW_LIST
+from hospital_fl.flare.provision import HospitalKitBuilder
 from hospital_fl.privacy.policy import read_site_policy
 from hospital_fl.provisioning.project import GPU_RESOURCE_MANAGER
 from hospital_fl.provisioning.schema import load_site_configs
@@ -219,7 +220,7 @@ def test_a_folder_that_is_not_a_provisioning_result_is_not_replaced(tmp_path):
 def test_the_command_prints_the_kits_made_and_the_seconds(tmp_path, capsys):
     import argparse
 
-    from hospital_fl.cli_provision import add_provision_commands
+    from hospital_fl.cli.provision import add_provision_commands
 
     parser = argparse.ArgumentParser(prog="hospital-fl")
     add_provision_commands(parser.add_subparsers(dest="command"))

@@ -11,11 +11,11 @@ import torch
 from hospital_fl.aggregation.strategy import AggregationConfig
 from hospital_fl.compression.codecs import CompressionConfig
 from hospital_fl.data.splits import SplitConfig
-from hospital_fl.flare import jobs
 from hospital_fl.flare.filters import RESIDUAL_FILE
-from hospital_fl.flare.jobs import JobSpec
-from hospital_fl.flare.simulate import environment, read_job_result, run_in_simulator, simulator_env
-from hospital_fl.flare.site_policy import allow_bundle_components
+from hospital_fl.flare.kits.site_policy import allow_bundle_components
+from hospital_fl.flare.recipes import cxr as jobs
+from hospital_fl.flare.runners.simulator import environment, read_job_result, run_in_simulator, simulator_env
+from hospital_fl.jobspec import JobSpec
 from hospital_fl.training.config import TrainConfig
 
 pytestmark = pytest.mark.integration

@@ -8,7 +8,7 @@ import json
 import math
 
 import pytest
-from hospital_fl.seg_demo import SegDemoConfig, demo_spec, run_seg_demo
+from hospital_fl.apps.seg_demo import SegDemoConfig, demo_spec, run_seg_demo
 from hospital_fl.segmentation.pipeline import SegTrainConfig
 from hospital_fl.segmentation.sample import write_sample_datalists
 

@@ -4,10 +4,10 @@ import json
 
 import pytest
 import torch
+from hospital_fl.apps.cxr_demo import OUTPUT_FILES, DemoConfig, run_demo
 from hospital_fl.data.splits import SplitConfig
-from hospital_fl.demo import OUTPUT_FILES, DemoConfig, run_demo
-from hospital_fl.flare.jobs import JobSpec
-from hospital_fl.flare.simulate import run_in_simulator
+from hospital_fl.flare.runners.simulator import run_in_simulator
+from hospital_fl.jobspec import JobSpec
 from hospital_fl.models.cxr import build_cxr_model
 from hospital_fl.training.config import TrainConfig
 

@@ -49,8 +49,8 @@ def test_profile_job_flags_the_label_shifted_hospital(site_datasets, tmp_path):
 
 def test_training_reads_manifests_and_rechecks_consent(site_datasets, tmp_path, monkeypatch):
     from hospital_fl.data.splits import SplitConfig
-    from hospital_fl.flare.jobs import JobSpec
-    from hospital_fl.flare.simulate import run_in_simulator
+    from hospital_fl.flare.runners.simulator import run_in_simulator
+    from hospital_fl.jobspec import JobSpec
     from hospital_fl.training.config import TrainConfig
 
     state = tmp_path / "state"  # usage records go to each site's writable state folder, not its data

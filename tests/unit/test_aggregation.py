@@ -51,8 +51,8 @@ def _small_federation():
 
 
 def test_in_process_he_round_uses_the_bounded_weights(monkeypatch):
-    from hospital_fl.evaluation import federated_loop
-    from hospital_fl.evaluation.attacks import Attack
+    from hospital_fl.bench import federated_loop
+    from hospital_fl.bench.attacks import Attack
     from hospital_fl.models.cxr import ModelConfig
     from hospital_fl.privacy.he_params import CKKSParams
     from hospital_fl.training.config import TrainConfig
@@ -78,7 +78,7 @@ def test_in_process_he_round_uses_the_bounded_weights(monkeypatch):
 def test_in_process_scaffold_screens_control_changes(monkeypatch):
     import dataclasses
 
-    from hospital_fl.evaluation import federated_loop
+    from hospital_fl.bench import federated_loop
     from hospital_fl.models.cxr import ModelConfig
     from hospital_fl.training.config import TrainConfig
 

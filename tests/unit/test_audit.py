@@ -19,7 +19,7 @@ from hospital_fl.audit import (
     read_trail,
     verify_trail,
 )
-from hospital_fl.cli_audit import add_audit_commands
+from hospital_fl.cli.audit import add_audit_commands
 from hospital_fl.errors import InputError
 
 START = datetime(2026, 3, 1, 9, 0, tzinfo=timezone.utc)

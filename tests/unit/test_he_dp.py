@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hospital_fl.bench.federated_loop import run_federated_in_process
 from hospital_fl.data.federated import load_federated
 from hospital_fl.data.splits import SplitConfig
 from hospital_fl.errors import InputError
-from hospital_fl.evaluation.federated_loop import run_federated_in_process
-from hospital_fl.flare.jobs import JobSpec
+from hospital_fl.jobspec import JobSpec
 from hospital_fl.models.cxr import ModelConfig
 from hospital_fl.privacy.config import DPConfig
 from hospital_fl.privacy.he_params import CKKSParams

@@ -13,9 +13,10 @@ from hospital_fl.aggregation.strategy import AggregationConfig
 from hospital_fl.compression.codecs import CompressionConfig
 from hospital_fl.data.splits import SplitConfig
 from hospital_fl.errors import InputError
-from hospital_fl.flare.jobs import STANDARD_JOBS, JobSpec, export_standard_jobs, read_job_folder
+from hospital_fl.flare.kits.site_policy import BUNDLE_ALLOW_LIST, allow_bundle_components, is_allowed, wider_entries
 from hospital_fl.flare.profile_job import ProfileRecipe
-from hospital_fl.flare.site_policy import BUNDLE_ALLOW_LIST, allow_bundle_components, is_allowed, wider_entries
+from hospital_fl.flare.recipes.cxr import STANDARD_JOBS, export_standard_jobs, read_job_folder
+from hospital_fl.jobspec import JobSpec
 from hospital_fl.privacy.config import DPConfig
 from hospital_fl.provisioning.allowed_components import APPROVED_CLASSES, FLARE_INJECTED, class_references
 from hospital_fl.provisioning.job_types import EXECUTOR_JOB_TYPES
@@ -174,7 +175,7 @@ def test_every_allowed_entry_is_a_class(path):
     "path",
     [
         "hospital_fl.flare.provision.write",
-        "hospital_fl.flare.jobs.export_recipe",
+        "hospital_fl.flare.recipes.cxr.export_recipe",
         "hospital_fl.privacy.setup.init_site_privacy",
     ],
 )

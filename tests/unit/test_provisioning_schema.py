@@ -385,7 +385,7 @@ def test_gpu_resources_replace_only_the_resource_manager_args():
 def test_the_provision_command_defaults_to_the_example_configs():
     import argparse
 
-    from hospital_fl.cli_provision import add_provision_commands
+    from hospital_fl.cli.provision import add_provision_commands
 
     parser = argparse.ArgumentParser(prog="hospital-fl")
     add_provision_commands(parser.add_subparsers(dest="command"))

@@ -7,8 +7,8 @@ from hospital_fl.aggregation.robust import coordinate_median, krum_scores, multi
 from hospital_fl.aggregation.server_optimizer import ServerOptimizer, ServerOptimizerConfig
 from hospital_fl.aggregation.strategy import AggregationConfig, aggregate_round
 from hospital_fl.aggregation.validation import norm_outliers
+from hospital_fl.bench.attacks import Attack, poison_update
 from hospital_fl.errors import InputError
-from hospital_fl.evaluation.attacks import Attack, poison_update
 from hospital_fl.training.scaffold import control_update
 
 

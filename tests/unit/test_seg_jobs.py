@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 from hospital_fl.compression.codecs import CompressionConfig
 from hospital_fl.errors import InputError
-from hospital_fl.flare.seg_jobs import SEG_JOBS, SegJobSpec, export_seg_job, read_seg_job_folder
-from hospital_fl.flare.site_policy import is_allowed
+from hospital_fl.flare.kits.site_policy import is_allowed
+from hospital_fl.flare.recipes.seg import SEG_JOBS, export_seg_job, read_seg_job_folder
+from hospital_fl.jobspec import SegJobSpec
 from hospital_fl.models.seg import SegModelConfig
 from hospital_fl.privacy.he_params import CKKSParams
 from hospital_fl.provisioning.job_types import job_types_of

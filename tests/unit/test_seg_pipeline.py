@@ -9,7 +9,6 @@ import pytest
 import torch
 from hospital_fl.errors import InputError
 from hospital_fl.models.seg import SegModelConfig, build_seg_model
-from hospital_fl.segmentation.sample import sample_dir
 from hospital_fl.segmentation.pipeline import (
     SegPipelineConfig,
     SegTrainConfig,
@@ -22,6 +21,7 @@ from hospital_fl.segmentation.pipeline import (
     train_epochs,
     train_transforms,
 )
+from hospital_fl.segmentation.sample import sample_dir
 from hospital_fl.segmentation.site_round import clear_loader_cache, get_weights, run_seg_round
 
 DATA = sample_dir()  # the real volumes shipped inside the package, wherever it is installed

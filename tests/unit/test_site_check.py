@@ -13,8 +13,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from hospital_fl.errors import InputError
-from hospital_fl.site_check import (
+from hospital_fl.apps.site_check import (
     PINNED,
     CheckResult,
     SiteCheckConfig,
@@ -31,6 +30,7 @@ from hospital_fl.site_check import (
     render_table,
     run_site_check,
 )
+from hospital_fl.errors import InputError
 from rich.console import Console
 
 NOW = dt.datetime.now(dt.timezone.utc)

@@ -55,10 +55,10 @@ from nvflare.fuel.sec.security_content_service import LoadResult, SecurityConten
 from nvflare.fuel.utils.log_utils import get_obj_logger
 from nvflare.lighter.constants import ProvFileName
 
-from hospital_fl.errors import InputError
 from hospital_fl.aggregation.strategy import AggregationConfig
 from hospital_fl.aggregation.validation import metrics_problem
 from hospital_fl.aggregation.weights import bounded_weights
+from hospital_fl.errors import InputError
 from hospital_fl.flare.aggregator import HISTORY_FILE, read_declared_images
 from hospital_fl.flare.controllers import _RoundPolicy
 from hospital_fl.privacy import he

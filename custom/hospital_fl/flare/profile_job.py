@@ -30,16 +30,16 @@ from nvflare.recipe.spec import Recipe
 from hospital_fl.data.ingest.profile import ProfileConfig, ShiftConfig, SiteProfile, compare_profiles
 from hospital_fl.data.ingest.profile_site import profile_site
 from hospital_fl.data.ingest.site_dataset import site_data_path
-from hospital_fl.errors import InputError
 from hospital_fl.data.splits import site_names
+from hospital_fl.errors import InputError
+from hospital_fl.flare.kits.site_policy import allow_bundle_components
 from hospital_fl.flare.privacy_gate import (
     PRIVACY_HOME_ENV,
     SitePrivacyGate,
     open_release_gate,
     refusal_reply,
 )
-from hospital_fl.flare.simulate import environment, simulator_env
-from hospital_fl.flare.site_policy import allow_bundle_components
+from hospital_fl.flare.runners.simulator import environment, simulator_env
 from hospital_fl.privacy.ledger import Spend
 from hospital_fl.privacy.setup import init_site_privacy
 

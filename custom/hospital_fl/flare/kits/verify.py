@@ -39,7 +39,7 @@ from nvflare.lighter.utils import verify_content, verify_folder_signature
 from nvflare.security.security import FLAuthorizer
 
 from hospital_fl.errors import InputError
-from hospital_fl.flare.site_policy import BUNDLE_ALLOW_LIST, is_allowed, wider_entries
+from hospital_fl.flare.kits.site_policy import BUNDLE_ALLOW_LIST, is_allowed, wider_entries
 from hospital_fl.provisioning.certificates import (
     ROOT_CA,
     Credentials,

@@ -18,11 +18,11 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from hospital_fl.bench.machine import machine_info
 from hospital_fl.data.splits import SplitConfig
-from hospital_fl.evaluation.machine import machine_info
-from hospital_fl.flare.jobs import STANDARD_JOBS, export_job
-from hospital_fl.flare.poc import run_job, running_system, system_from_kits
-from hospital_fl.flare.provision import provision
+from hospital_fl.flare.kits.provision import provision
+from hospital_fl.flare.recipes.cxr import STANDARD_JOBS, export_job
+from hospital_fl.flare.runners.poc import run_job, running_system, system_from_kits
 from hospital_fl.provisioning.rehearsal import PROJECT_ADMIN, loopback_site_configs, write_site_configs
 from hospital_fl.training.config import TrainConfig
 

@@ -39,7 +39,7 @@ def _cmd_kit_verify(args) -> int:
     from rich.markup import escape
     from rich.table import Table
 
-    from hospital_fl.flare.kit_verify import verify_kit
+    from hospital_fl.flare.kits.verify import verify_kit
 
     try:
         now = parse_time(args.now) if args.now is not None else None

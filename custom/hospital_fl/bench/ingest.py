@@ -19,10 +19,10 @@ from pathlib import Path
 
 import numpy as np
 
+from hospital_fl.bench.machine import machine_info
 from hospital_fl.data.ingest.consent import ConsentRecord, ConsentRegistry
 from hospital_fl.data.ingest.labels import LabelEntry, LabelTable
 from hospital_fl.data.ingest.pipeline import IngestConfig, ingest
-from hospital_fl.evaluation.machine import machine_info
 
 __all__ = ["run_ingest_benchmark", "TARGET_UNCOMPRESSED_PER_S"]
 

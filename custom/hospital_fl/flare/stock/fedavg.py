@@ -8,9 +8,9 @@ from pathlib import Path
 
 from nvflare.app_opt.pt.recipes.fedavg import FedAvgRecipe
 
-from hospital_fl.flare import stock_fedavg_client
-from hospital_fl.flare.jobs import JobSpec, spec_to_json
-from hospital_fl.flare.simulate import simulator_env
+from hospital_fl.flare.runners.simulator import simulator_env
+from hospital_fl.flare.stock import fedavg_client as stock_fedavg_client
+from hospital_fl.jobspec import JobSpec, spec_to_json
 from hospital_fl.models.cxr import CXRClassifier
 
 __all__ = ["run_stock_fedavg"]

@@ -19,12 +19,13 @@ from pathlib import Path
 
 import torch
 
+from hospital_fl.apps.cxr_demo import global_weights
 from hospital_fl.data.splits import site_names
-from hospital_fl.demo import global_weights
 from hospital_fl.errors import InputError
-from hospital_fl.flare.seg_jobs import SegJobSpec, build_seg_recipe, export_seg_job
-from hospital_fl.flare.simulate import FederatedRun, run_recipe_in_simulator, simulator_env
-from hospital_fl.flare.site_policy import allow_bundle_components
+from hospital_fl.flare.kits.site_policy import allow_bundle_components
+from hospital_fl.flare.recipes.seg import build_seg_recipe, export_seg_job
+from hospital_fl.flare.runners.simulator import FederatedRun, run_recipe_in_simulator, simulator_env
+from hospital_fl.jobspec import SegJobSpec
 from hospital_fl.models.seg import build_seg_model
 from hospital_fl.privacy.he_params import CKKSParams
 from hospital_fl.segmentation.datalist import validate_datalist
@@ -75,7 +76,7 @@ class SegDemoConfig:
 
 def _run_federated(cfg: SegDemoConfig, spec: SegJobSpec, on_round: Callable[[int], None]) -> FederatedRun:
     if cfg.mode == "poc":
-        from hospital_fl.flare.poc import run_in_poc
+        from hospital_fl.flare.runners.poc import run_in_poc
 
         with tempfile.TemporaryDirectory() as jobs:
             return run_in_poc(spec, cfg.workspace, on_round=on_round, job_dir=export_seg_job(spec, jobs))

@@ -1,6 +1,6 @@
 """Aggregation benchmark on the embedded real chest X-rays: non-IID, attacks, compression, scaling.
 
-Four parts, each a sweep of in-process federations (hospital_fl.evaluation.federated_loop:
+Four parts, each a sweep of in-process federations (hospital_fl.bench.federated_loop:
 the FLARE job's site and server maths without FLARE's start-up), 5 hospitals, the demo's
 model and rounds, several seeds:
 
@@ -36,12 +36,12 @@ import numpy as np
 
 from hospital_fl.aggregation.server_optimizer import ServerOptimizerConfig
 from hospital_fl.aggregation.strategy import AggregationConfig, aggregate_round
+from hospital_fl.bench.attacks import ATTACKS, Attack
+from hospital_fl.bench.federated_loop import run_federated_in_process
+from hospital_fl.bench.machine import machine_info
 from hospital_fl.compression.codecs import CompressionConfig
 from hospital_fl.data.federated import load_federated
 from hospital_fl.data.splits import SplitConfig
-from hospital_fl.evaluation.attacks import ATTACKS, Attack
-from hospital_fl.evaluation.federated_loop import run_federated_in_process
-from hospital_fl.evaluation.machine import machine_info
 from hospital_fl.evaluation.scoring import model_aucs
 from hospital_fl.models.cxr import ModelConfig, build_cxr_model
 from hospital_fl.training.config import TrainConfig

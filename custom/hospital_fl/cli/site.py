@@ -13,12 +13,10 @@ __all__ = ["add_site_commands"]
 
 
 def _progress_factory(description: str):
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from hospital_fl.cli.progress import progress_bar
 
     def factory(total: int):
-        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-        progress = Progress(*columns, console=Console(stderr=True))
+        progress = progress_bar()
         progress.start()
         task = progress.add_task(description, total=total)
         return (lambda: progress.advance(task)), progress.stop
@@ -83,7 +81,7 @@ def _cmd_consent_audit(args) -> int:
 def _cmd_site_check(args) -> int:
     from rich.console import Console
 
-    from hospital_fl.site_check import SiteCheckConfig, exit_code, render_table, run_site_check
+    from hospital_fl.apps.site_check import SiteCheckConfig, exit_code, render_table, run_site_check
 
     cfg = SiteCheckConfig(
         manifest=args.manifest,

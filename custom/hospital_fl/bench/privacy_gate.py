@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from hospital_fl.evaluation.machine import machine_info
+from hospital_fl.bench.machine import machine_info
 from hospital_fl.privacy.ledger import Spend
 from hospital_fl.privacy.policy import SitePrivacyPolicy, check_job_budget, check_release
 from hospital_fl.privacy.setup import init_site_privacy

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import numpy as np
 
+from hospital_fl.apps.cxr_demo import DemoConfig, co_located_threads, run_demo
+from hospital_fl.bench.federated_loop import run_federated_in_process
+from hospital_fl.bench.machine import machine_info
 from hospital_fl.data.federated import load_federated
-from hospital_fl.demo import DemoConfig, co_located_threads, run_demo
-from hospital_fl.evaluation.federated_loop import run_federated_in_process
-from hospital_fl.evaluation.machine import machine_info
-from hospital_fl.flare.jobs import JobSpec
+from hospital_fl.jobspec import JobSpec
 
 __all__ = ["run_benchmark", "time_without_flare"]
 
@@ -66,7 +66,7 @@ def run_benchmark(spec: JobSpec, seeds: list[int], workspace: Path, stock: bool 
             "bytes_per_round_per_site": report["communication"]["bytes_per_round_per_site"],
         }
         if stock:
-            from hospital_fl.flare.stock import run_stock_fedavg
+            from hospital_fl.flare.stock.fedavg import run_stock_fedavg
 
             row["stock_fedavg_wall_seconds"] = run_stock_fedavg(seed_spec, workspace / "stock")
             row["stock_overhead_vs_no_flare"] = row["stock_fedavg_wall_seconds"] / no_flare

@@ -44,10 +44,11 @@ from nvflare.tool.poc.service_constants import FlareServiceConstants as SC
 from hospital_fl.data.splits import site_names
 from hospital_fl.errors import InputError
 from hospital_fl.flare.interrupts import sigterm_as_interrupt
-from hospital_fl.flare.jobs import JobSpec, export_job
+from hospital_fl.flare.kits.site_policy import allow_bundle_components
 from hospital_fl.flare.progress import RoundWatcher
-from hospital_fl.flare.simulate import FederatedRun, read_job_result
-from hospital_fl.flare.site_policy import allow_bundle_components
+from hospital_fl.flare.recipes.cxr import export_job
+from hospital_fl.flare.runners.simulator import FederatedRun, read_job_result
+from hospital_fl.jobspec import JobSpec
 from hospital_fl.privacy.setup import init_site_privacy
 
 __all__ = [

@@ -2,7 +2,7 @@
 
 Sample-level DP-SGD and client-level DP (local and central) at each epsilon, against the
 non-private federated model, 5 hospitals, the demo's model and rounds, several seeds.
-Federations run in one process (hospital_fl.evaluation.federated_loop: the FLARE job's
+Federations run in one process (hospital_fl.bench.federated_loop: the FLARE job's
 own site and server maths, without FLARE's start-up). Prints JSON; writes the figures and
 an epsilon-vs-AUC plot. Run: ``hospital-fl bench privacy``.
 """
@@ -14,10 +14,10 @@ from pathlib import Path
 
 import numpy as np
 
+from hospital_fl.bench.federated_loop import run_federated_in_process
+from hospital_fl.bench.machine import machine_info
 from hospital_fl.data.federated import load_federated
 from hospital_fl.data.splits import SplitConfig
-from hospital_fl.evaluation.federated_loop import run_federated_in_process
-from hospital_fl.evaluation.machine import machine_info
 from hospital_fl.evaluation.scoring import model_aucs
 from hospital_fl.models.cxr import ModelConfig
 from hospital_fl.privacy.config import DPConfig

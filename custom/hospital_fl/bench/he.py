@@ -16,10 +16,10 @@ import time
 
 import numpy as np
 
+from hospital_fl.bench.federated_loop import run_federated_in_process
+from hospital_fl.bench.machine import machine_info
 from hospital_fl.data.federated import load_federated
 from hospital_fl.data.splits import SplitConfig
-from hospital_fl.evaluation.federated_loop import run_federated_in_process
-from hospital_fl.evaluation.machine import machine_info
 from hospital_fl.evaluation.scoring import model_aucs
 from hospital_fl.models.cxr import ModelConfig, build_cxr_model
 from hospital_fl.privacy import he
@@ -104,7 +104,7 @@ def cost_of_round(
 
 
 def _stock(state, updates, counts) -> dict:
-    from hospital_fl.flare.stock_he import stock_he_costs
+    from hospital_fl.flare.stock.he import stock_he_costs
 
     costs = stock_he_costs(state, updates, counts)
     fp32 = 4 * int(sum(np.asarray(v).size for v in state.values()))

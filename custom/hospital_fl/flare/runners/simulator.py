@@ -19,10 +19,11 @@ from hospital_fl.data.splits import site_names
 from hospital_fl.errors import InputError
 from hospital_fl.flare.aggregator import HISTORY_FILE
 from hospital_fl.flare.interrupts import sigterm_as_interrupt
-from hospital_fl.flare.jobs import JobSpec, build_recipe
+from hospital_fl.flare.kits.site_policy import allow_bundle_components
 from hospital_fl.flare.privacy_gate import PRIVACY_HOME_ENV
 from hospital_fl.flare.progress import RoundWatcher
-from hospital_fl.flare.site_policy import allow_bundle_components
+from hospital_fl.flare.recipes.cxr import build_recipe
+from hospital_fl.jobspec import JobSpec
 from hospital_fl.privacy.setup import init_site_privacy
 
 __all__ = ["FederatedRun", "run_in_simulator", "run_recipe_in_simulator", "read_job_result", "simulator_env"]

@@ -20,9 +20,9 @@ import torch
 from hospital_fl.aggregation.server_optimizer import ServerOptimizer, ServerOptimizerConfig
 from hospital_fl.aggregation.strategy import AggregationConfig, aggregate_round
 from hospital_fl.aggregation.weights import bounded_weights
+from hospital_fl.bench.attacks import Attack, claimed_samples, poison_site, poison_update
 from hospital_fl.compression.codecs import CompressionConfig, decode, encode, payload_bytes
 from hospital_fl.data.federated import FederatedDataset
-from hospital_fl.evaluation.attacks import Attack, claimed_samples, poison_site, poison_update
 from hospital_fl.models.cxr import CXRClassifier, ModelConfig, build_cxr_model
 from hospital_fl.privacy.accounting import epsilon_of
 from hospital_fl.privacy.central import CentralClientDP

@@ -22,8 +22,8 @@ import torch
 
 from hospital_fl.aggregation.server_optimizer import ServerOptimizer, ServerOptimizerConfig
 from hospital_fl.aggregation.weighted import weighted_mean
-from hospital_fl.evaluation.machine import machine_info
-from hospital_fl.flare.seg_jobs import SERVER_MOMENTUM
+from hospital_fl.bench.machine import machine_info
+from hospital_fl.jobspec import SERVER_MOMENTUM
 from hospital_fl.models.seg import SegModelConfig, build_seg_model
 from hospital_fl.segmentation.datalist import validate_datalist
 from hospital_fl.segmentation.pipeline import SegPipelineConfig, SegTrainConfig, evaluate, peak_step_memory

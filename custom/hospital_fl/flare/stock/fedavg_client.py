@@ -14,7 +14,7 @@ import torch
 from nvflare.app_common.abstract.fl_model import FLModel
 
 from hospital_fl.data.federated import load_federated
-from hospital_fl.flare.jobs import JobSpec
+from hospital_fl.jobspec import JobSpec
 from hospital_fl.training.site_round import run_site_round
 
 

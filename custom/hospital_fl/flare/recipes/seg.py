@@ -7,114 +7,28 @@ and HE filters exactly as the CXR jobs use them); ``export_seg_job`` writes jobs
 
 from __future__ import annotations
 
-import dataclasses
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from nvflare.app_opt.pt.recipes.fedavg import FedAvgRecipe
 from nvflare.recipe.spec import Recipe
 
-from hospital_fl.aggregation.server_optimizer import ServerOptimizerConfig
 from hospital_fl.compression.codecs import CompressionConfig
 from hospital_fl.errors import InputError
 from hospital_fl.flare.aggregator import UpdateAggregator
-from hospital_fl.flare.jobs import (
+from hospital_fl.flare.recipes.cxr import (
     _InstalledSiteCode,
-    _server_optimizer,
     add_wire_filters,
     export_recipe,
     round_controller,
     server_optimizer_in,
 )
 from hospital_fl.flare.seg_executor import SegTrainExecutor
+from hospital_fl.jobspec import SegJobSpec
 from hospital_fl.models.seg import SegModelConfig, SegNetwork
-from hospital_fl.privacy.he_params import CKKSParams
-from hospital_fl.segmentation.pipeline import SegPipelineConfig, SegTrainConfig, region_names
+from hospital_fl.segmentation.pipeline import SegPipelineConfig, SegTrainConfig
 
 __all__ = ["SegJobSpec", "build_seg_recipe", "export_seg_job", "read_seg_job_folder", "SEG_JOBS", "SERVER_MOMENTUM"]
-
-SERVER_MOMENTUM = ServerOptimizerConfig(kind="sgdm", lr=1.0, momentum=0.9)  # FedAvgM
-
-
-@dataclass(frozen=True)
-class SegJobSpec:
-    """Everything that defines a federated segmentation job, as plain typed data."""
-
-    name: str = "seg_fedavg"
-    num_sites: int = 3
-    num_rounds: int = 20
-    # Each site's datalist: "{site}" -> the site's name, "${VAR}" -> the site's environment.
-    datalist: str = "${HOSPITAL_FL_SEG_DATALIST}"
-    model: SegModelConfig = field(default_factory=SegModelConfig)
-    pipeline: SegPipelineConfig = field(default_factory=SegPipelineConfig)
-    train: SegTrainConfig = field(default_factory=lambda: SegTrainConfig(steps_per_epoch=20))
-    min_clients: int | None = None
-    round_timeout: int = 0
-    wait_after_min: int = 30
-    task_request_interval: float = 0.25
-    uplink: CompressionConfig = field(default_factory=CompressionConfig)
-    # Server momentum (FedAvgM through FLARE's FedOpt controller); None: plain FedAvg. Measured
-    # on the synthetic 3-site benchmark: averaging sites that each take a few steps a round
-    # loses most of their progress, and momentum 0.9 at server lr 1.0 recovers it.
-    server_optimizer: ServerOptimizerConfig | None = field(default_factory=lambda: SERVER_MOMENTUM)
-    he: CKKSParams | None = None
-
-    def __post_init__(self):
-        if not (isinstance(self.num_sites, int) and self.num_sites >= 1):
-            raise InputError("num_sites", self.num_sites, "it must be an integer >= 1", "use e.g. 3")
-        if self.num_rounds < 1:
-            raise InputError("num_rounds", self.num_rounds, "it must be >= 1", "use --rounds 1 or more")
-        regions = region_names(self.pipeline)
-        if self.model.out_channels != len(regions):
-            raise InputError(
-                "model.out_channels",
-                self.model.out_channels,
-                f"the {self.pipeline.label_scheme} label scheme has {len(regions)} regions {regions}",
-                f"use out_channels={len(regions)}",
-            )
-        if self.min_clients is not None and not 1 <= self.min_clients <= self.num_sites:
-            raise InputError("min_clients", self.min_clients, f"it must lie in 1..{self.num_sites}", "use e.g. 2")
-        if self.he is not None and self.server_optimizer is not None:
-            raise InputError(
-                "server_optimizer",
-                self.server_optimizer.kind,
-                "a server optimiser steps on the aggregated update, which the server cannot read under HE",
-                "use server_optimizer=None (FedAvg) with HE",
-            )
-        if self.he is not None and self.uplink.enabled:
-            raise InputError(
-                "uplink.codec", self.uplink.codec, "HE packs the update itself", "drop compression with HE"
-            )
-
-    @classmethod
-    def from_json(cls, data: dict) -> "SegJobSpec":
-        return cls(
-            **{
-                **data,
-                "model": SegModelConfig(**data.get("model", {})),
-                "pipeline": SegPipelineConfig(**data.get("pipeline", {})),
-                "train": SegTrainConfig(**data.get("train", {})),
-                "uplink": CompressionConfig(**data.get("uplink", {})),
-                "server_optimizer": _server_optimizer(data["server_optimizer"])
-                if data.get("server_optimizer")
-                else None,
-                "he": CKKSParams.from_json(data["he"]) if data.get("he") else None,
-            }
-        )
-
-    def to_json(self) -> dict:
-        return {**dataclasses.asdict(self), "he": self.he.to_json() if self.he else None}
-
-    def executor_args(self) -> dict:
-        return {
-            "datalist": self.datalist,
-            "model": dataclasses.asdict(self.model),
-            "pipeline": dataclasses.asdict(self.pipeline),
-            "train": dataclasses.asdict(self.train),
-            "num_rounds": self.num_rounds,
-        }
-
 
 class SegRecipe(_InstalledSiteCode, FedAvgRecipe):
     """FLARE's FedAvg recipe for segmentation: FedAvg, FedAvgM (FLARE's FedOpt) or the HE controller."""

@@ -11,7 +11,7 @@ def _cmd_provision(args) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from hospital_fl.flare.provision import provision
+    from hospital_fl.flare.kits.provision import provision
 
     result = provision(args.site_configs, args.out)
     table = Table(title=f"{result.project}: {len(result.kits)} startup kits in {result.seconds:.2f} s")
@@ -42,7 +42,7 @@ def _cmd_add_site(args) -> int:
 
     from rich.console import Console
 
-    from hospital_fl.flare.provision import add_site
+    from hospital_fl.flare.kits.provision import add_site
     from hospital_fl.provisioning.schema import HOSPITALS_DIR
 
     added = add_site(args.site_configs, args.hospital_file, args.out)

@@ -24,8 +24,8 @@ from hospital_fl.evaluation.baselines import train_centralized, train_local_only
 from hospital_fl.evaluation.plots import plot_roc, plot_rounds, plot_sites
 from hospital_fl.evaluation.report import build_report, write_report
 from hospital_fl.evaluation.scoring import score_model
-from hospital_fl.flare.jobs import JobSpec
-from hospital_fl.flare.simulate import FederatedRun
+from hospital_fl.flare.runners.simulator import FederatedRun
+from hospital_fl.jobspec import JobSpec
 from hospital_fl.models.cxr import build_cxr_model
 from hospital_fl.training.loops import set_weights
 
@@ -55,10 +55,10 @@ def co_located_threads(num_sites: int) -> int:
 
 def _run_federated(cfg: DemoConfig, on_round: Callable[[int], None]) -> FederatedRun:
     if cfg.mode == "poc":
-        from hospital_fl.flare.poc import run_in_poc
+        from hospital_fl.flare.runners.poc import run_in_poc
 
         return run_in_poc(cfg.spec, cfg.workspace, on_round=on_round, job_dir=cfg.job_dir)
-    from hospital_fl.flare.simulate import run_in_simulator
+    from hospital_fl.flare.runners.simulator import run_in_simulator
 
     return run_in_simulator(cfg.spec, cfg.workspace, on_round=on_round)
 
