@@ -115,3 +115,30 @@ def test_central_dp_clips_averages_equally_and_accounts():
     assert np.std(result.params["w"]) == pytest.approx(expected_std, rel=0.05)
     assert 0 < info["epsilon"] < 8.0
     assert not agg.history[0]["sites"][2]["accepted"]
+
+
+def test_central_dp_runs_the_same_screen_as_the_rules():
+    """Under central DP an odd update arriving first cannot get the others rejected (the
+    layout is the round's majority, as with every rule), and one site's norm or direction
+    never decides whether another's update counts: those screens would let one site change
+    the clipped sum by more than one clip norm."""
+    agg = UpdateAggregator(
+        central_dp={"mechanism": "client-central", "target_epsilon": 8.0, "clip_norm": 1.0}, num_rounds=2
+    )
+    odd = FLModel(
+        params_type=ParamsType.DIFF,
+        params={"w": np.zeros(7, dtype=np.float32)},
+        metrics={"val_auc": 0.5},
+        current_round=0,
+        meta={"client_name": "site-0", "n_samples": 10, "train_seconds": 0.1},
+    )
+    agg.accept_model(odd)  # first to arrive, with a layout no other site shares
+    agg.accept_model(_diff("site-1", [1.0, 1.0], 10))
+    agg.accept_model(_diff("site-2", [1.1, 0.9], 10))
+    agg.accept_model(_diff("site-3", [-500.0, -500.0], 10))  # far larger and opposite: still counted, clipped
+    agg.aggregate_model()
+
+    sites = {s["site"]: s for s in agg.history[0]["sites"]}
+    assert not sites["site-0"]["accepted"] and "shape" in sites["site-0"]["reason"]
+    assert all(sites[f"site-{i}"]["accepted"] for i in (1, 2, 3))
+    assert agg.history[0]["central_dp"]["update_norms"][2] == pytest.approx(500.0 * np.sqrt(2))

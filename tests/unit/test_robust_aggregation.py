@@ -168,3 +168,23 @@ def test_update_cosines_equal_the_flat_computation_over_every_float_entry():
     median = np.median(flat, axis=0)
     expected = flat @ median / (np.linalg.norm(flat, axis=1) * np.linalg.norm(median))
     np.testing.assert_allclose(update_cosines(updates), expected, rtol=1e-5)
+
+
+def test_every_registered_rule_combines_through_the_one_screen():
+    from hospital_fl.aggregation.rules import RULE_REGISTRY, RULES
+
+    rng = np.random.default_rng(0)
+    updates = [{"w": rng.normal(1.0, 0.1, 4).astype(np.float32)} for _ in range(7)]
+    assert RULES == tuple(RULE_REGISTRY)
+    for rule in RULES:
+        cfg = AggregationConfig(rule=rule)
+        result = aggregate_round(cfg, updates, [10] * 7)
+        assert result.info["rule"] == rule and result.update is not None
+        assert cfg.min_updates() == RULE_REGISTRY[rule].min_updates(cfg)
+        # each rule's update lies within the spread of the inputs (a wrong rule wiring would not)
+        assert 0.7 < float(result.update["w"].mean()) < 1.3
+
+
+def test_an_unregistered_rule_is_refused_with_the_registry_names():
+    with pytest.raises(InputError, match="aggregation.rule: got 'mean'; it must be one of \\('fedavg'"):
+        AggregationConfig(rule="mean")

@@ -1,13 +1,17 @@
-"""The server's aggregation rule as typed config, and one round's aggregation as a pure function.
+"""The server's aggregation rule as typed config, and one round's aggregation as pure functions.
 
-``aggregate_round`` is what the FLARE aggregator (hospital_fl.flare.aggregator) and the
-in-process federation both run: validate each update, drop norm outliers, drop updates that
-point against the round's median update (the direction screen), then combine the rest with
-the configured rule. It never raises on a site's bad update; it reports it.
+``screen_round`` is the one screening path every server mode runs (the FLARE aggregator
+with a rule or with central DP, SCAFFOLD's control changes, the in-process federation):
+validate each update, drop norm outliers, drop updates that point against the round's
+median update (the direction screen), and bound each site's weight. ``combine_round``
+then applies the configured rule from the registry (hospital_fl.aggregation.rules);
+``aggregate_round`` is the two together. Nothing here raises on a site's bad update; it
+reports it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -15,15 +19,20 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from hospital_fl.aggregation.direction import DEFAULT_MIN_COSINE, direction_outliers, update_cosines
-from hospital_fl.aggregation.robust import coordinate_median, multi_krum, norm_bounded_mean, trimmed_mean
+from hospital_fl.aggregation.rules import RULE_REGISTRY, RULES
 from hospital_fl.aggregation.validation import norm_outliers, update_norm, update_problem
-from hospital_fl.aggregation.weighted import weighted_mean
 from hospital_fl.aggregation.weights import DEFAULT_CAP_FACTOR, bounded_weights
 from hospital_fl.errors import InputError
 
-__all__ = ["RULES", "AggregationConfig", "RoundAggregation", "aggregate_round"]
-
-RULES = ("fedavg", "trimmed_mean", "median", "norm_bounded", "krum", "multi_krum")
+__all__ = [
+    "RULES",
+    "AggregationConfig",
+    "RoundAggregation",
+    "Screening",
+    "aggregate_round",
+    "combine_round",
+    "screen_round",
+]
 
 
 @dataclass(frozen=True)
@@ -101,11 +110,13 @@ class AggregationConfig:
 
     def min_updates(self) -> int:
         """Accepted updates a round needs for this rule to be defined."""
-        if self.rule == "trimmed_mean":
-            return 2 * self.trim + 1
-        if self.rule in ("krum", "multi_krum"):
-            return max(2 * self.byzantine + 3, self.select or 1)
-        return 1
+        return RULE_REGISTRY[self.rule].min_updates(self)
+
+    def without_relative_screens(self) -> "AggregationConfig":
+        """The same rule with the screens that compare a site with the round's others off
+        (norm and direction): for central DP, where one site's presence must not decide
+        whether another's update counts (that would multiply the sum's sensitivity)."""
+        return dataclasses.replace(self, outlier_factor=None, min_cosine=None)
 
     def check_sites(self, num_sites: int, name: str = "min_clients") -> None:
         """Raise when even ``num_sites`` answering sites cannot satisfy the rule."""
@@ -137,17 +148,32 @@ class RoundAggregation:
     cosines: list[float] = field(default_factory=list)  # per update: cosine with the median update (nan: unscreened)
 
 
-def aggregate_round(
+@dataclass(frozen=True)
+class Screening:
+    """One round's screen: which updates count, why the others do not, and each one's weight.
+
+    Lists are per update, in the order given (nan: not computed for that update)."""
+
+    accepted: list[int]
+    rejected: dict[int, str]
+    norms: list[float]
+    cosines: list[float]
+    weights: list[float]
+    weight_clips: list[dict]  # {"index", "claimed", "allowed", "basis"} per bounded claim
+
+
+def screen_round(
     cfg: AggregationConfig,
     updates: Sequence[Mapping[str, np.ndarray]],
     n_samples: Sequence[object],
     reference: Mapping[str, np.ndarray] | None = None,
     declared: Sequence[int | None] | None = None,
-) -> RoundAggregation:
-    """Validate, screen and combine one round's weight differences.
+) -> Screening:
+    """Validate and screen one round's weight differences, and bound each site's weight.
 
     Args:
-        cfg: the rule.
+        cfg: the screens' settings (outlier_factor, min_cosine, claim_cap) and the rule
+            (the direction screen never leaves fewer updates than it needs).
         updates: each site's difference to the global model.
         n_samples: each site's claimed training samples (the FedAvg weight).
         reference: the global model (names, shapes, dtypes every update must match); None
@@ -156,10 +182,7 @@ def aggregate_round(
         declared: per update, the image count the consortium declared for its site (None:
             none declared); bounds the site's weight (hospital_fl.aggregation.weights).
 
-    The direction screen runs on the updates that passed the norm screen; ``cosines`` holds
-    each one's cosine with their coordinate-wise median (nan where not computed).
-    Weights (FedAvg, norm_bounded, multi-Krum) are the bounded claims; ``info["weight_clips"]``
-    lists each bounded claim as {"index", "claimed", "allowed", "basis"}.
+    The direction screen runs on the updates that passed the norm screen.
     """
     rejected: dict[int, str] = {}
     ref = reference if reference is not None else _majority_layout(updates)
@@ -192,46 +215,58 @@ def aggregate_round(
             )
         accepted = [i for i in accepted if i not in rejected]
     norm_of = dict(zip(valid, norms))
-    all_norms = [norm_of.get(i, float("nan")) for i in range(len(updates))]
     bounded, clips = bounded_weights(
         [n_samples[i] for i in valid],
         [declared[i] for i in valid] if declared is not None else None,
         cfg.claim_cap,
     )
     weight_of = dict(zip(valid, bounded))
-    all_weights = [weight_of.get(i, float("nan")) for i in range(len(updates))]
-    clip_info = [{"index": valid[c.index], **c.as_dict()} for c in clips]
+    return Screening(
+        accepted=accepted,
+        rejected=rejected,
+        norms=[norm_of.get(i, float("nan")) for i in range(len(updates))],
+        cosines=all_cosines,
+        weights=[weight_of.get(i, float("nan")) for i in range(len(updates))],
+        weight_clips=[{"index": valid[c.index], **c.as_dict()} for c in clips],
+    )
+
+
+def combine_round(
+    cfg: AggregationConfig, updates: Sequence[Mapping[str, np.ndarray]], screening: Screening
+) -> RoundAggregation:
+    """The screened updates combined with the configured rule (None when too few remain)."""
+    accepted = screening.accepted
+    clip_info = {"weight_clips": screening.weight_clips} if screening.weight_clips else {}
+    outcome = dict(
+        accepted=accepted,
+        rejected=screening.rejected,
+        norms=screening.norms,
+        weights=screening.weights,
+        cosines=screening.cosines,
+    )
     if len(accepted) < cfg.min_updates():
-        return RoundAggregation(
-            None,
-            accepted,
-            rejected,
-            all_norms,
-            {
-                "skipped": f"{len(accepted)} acceptable update(s); {cfg.rule} needs {cfg.min_updates()}",
-                **({"weight_clips": clip_info} if clip_info else {}),
-            },
-            all_weights,
-            all_cosines,
-        )
-    chosen = [updates[i] for i in accepted]
-    weights = [weight_of[i] for i in accepted]
-    info: dict = {"rule": cfg.rule}
-    if clip_info:
-        info["weight_clips"] = clip_info
-    if cfg.rule == "fedavg":
-        combined = weighted_mean(chosen, weights)
-    elif cfg.rule == "trimmed_mean":
-        combined = trimmed_mean(chosen, cfg.trim)
-    elif cfg.rule == "median":
-        combined = coordinate_median(chosen)
-    elif cfg.rule == "norm_bounded":
-        combined, info["norm_bound"] = norm_bounded_mean(chosen, weights, cfg.norm_bound)
-    else:
-        select = 1 if cfg.rule == "krum" else (cfg.select or len(chosen) - cfg.byzantine)
-        combined, picked = multi_krum(chosen, weights, cfg.byzantine, select)
-        info["selected"] = [accepted[j] for j in picked]
-    return RoundAggregation(combined, accepted, rejected, all_norms, info, all_weights, all_cosines)
+        skipped = f"{len(accepted)} acceptable update(s); {cfg.rule} needs {cfg.min_updates()}"
+        return RoundAggregation(None, info={"skipped": skipped, **clip_info}, **outcome)
+    combined, details = RULE_REGISTRY[cfg.rule].combine(
+        cfg, [updates[i] for i in accepted], [screening.weights[i] for i in accepted]
+    )
+    if "selected" in details:  # indices into the accepted updates -> into ``updates``
+        details["selected"] = [accepted[j] for j in details["selected"]]
+    return RoundAggregation(combined, info={"rule": cfg.rule, **clip_info, **details}, **outcome)
+
+
+def aggregate_round(
+    cfg: AggregationConfig,
+    updates: Sequence[Mapping[str, np.ndarray]],
+    n_samples: Sequence[object],
+    reference: Mapping[str, np.ndarray] | None = None,
+    declared: Sequence[int | None] | None = None,
+) -> RoundAggregation:
+    """Validate, screen and combine one round's weight differences (``screen_round`` then
+    ``combine_round``). Weights (FedAvg, norm_bounded, multi-Krum) are the bounded claims;
+    ``info["weight_clips"]`` lists each bounded claim as {"index", "claimed", "allowed", "basis"}.
+    """
+    return combine_round(cfg, updates, screen_round(cfg, updates, n_samples, reference, declared))
 
 
 def _majority_layout(updates: Sequence[Mapping[str, np.ndarray]]) -> Mapping[str, np.ndarray] | None:

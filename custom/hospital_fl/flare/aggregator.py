@@ -13,6 +13,10 @@ per-site report (metrics, sample count, training seconds, bytes on the wire, acc
 why not) is written to round_history.json in the server's run folder, which travels with
 the job result.
 
+Every mode runs the same screen (hospital_fl.aggregation.strategy.screen_round): with a rule,
+and with central client-level DP, where the screens that compare one site with the others
+(norm, direction) are off so one site cannot decide whether another counts (sensitivity).
+
 A site's weight is its claimed sample count bounded by the image count the consortium
 declared for it (``DECLARED_IMAGES_FILE`` in the server kit's local/ folder, written at
 provisioning), or by k x the round's median claim where none is declared (the simulator);
@@ -34,9 +38,9 @@ from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 from nvflare.app_common.aggregators.model_aggregator import ModelAggregator
 from nvflare.fuel.utils.log_utils import get_obj_logger
 
-from hospital_fl.aggregation.strategy import AggregationConfig, aggregate_round
-from hospital_fl.aggregation.validation import metrics_problem, update_problem
-from hospital_fl.aggregation.weights import DECLARED_IMAGES_FILE, bounded_weights, check_declared_counts
+from hospital_fl.aggregation.strategy import AggregationConfig, Screening, combine_round, screen_round
+from hospital_fl.aggregation.validation import metrics_problem
+from hospital_fl.aggregation.weights import DECLARED_IMAGES_FILE, check_declared_counts
 from hospital_fl.compression.codecs import payload_bytes
 from hospital_fl.privacy.central import CentralClientDP
 from hospital_fl.privacy.config import DPConfig
@@ -153,19 +157,18 @@ class UpdateAggregator(ModelAggregator):
         entry = {"round": rnd, "sites": self._round_sites}
         self.history.append(entry)
         params_type = self._params_type
+        rule = self._screen_settings(params_type)
+        params = [p for _, p, _ in updates]
+        screening = screen_round(
+            rule, params, [n for _, _, n in updates], declared=[self._declared_for(i) for i, _, _ in updates]
+        )
+        self._record_screening(updates, screening)
+        weight_of = {updates[j][0]: w for j, w in enumerate(screening.weights)}
+        clips = [{**c, "index": updates[c["index"]][0]} for c in screening.weight_clips]
         if self._central is not None:
-            ok = []
-            for index, params, n in updates:
-                problem = update_problem(params, n, ok[0][1] if ok else None)
-                self._reject(index, problem) if problem else ok.append((index, params, n))
             combined = None
-            weights, clips = bounded_weights(
-                [n for _, _, n in ok], [self._declared_for(i) for i, _, _ in ok], self.rule.claim_cap
-            )
-            weight_of = {i: w for (i, _, _), w in zip(ok, weights)}
-            clips = [{**c.as_dict(), "index": ok[c.index][0]} for c in clips]
-            if ok:
-                combined, info = self._central.combine([p for _, p, _ in ok])
+            if screening.accepted:
+                combined, info = self._central.combine([params[j] for j in screening.accepted])
                 entry["central_dp"] = {
                     **info,
                     "noise_multiplier": self._central.noise_multiplier,
@@ -173,24 +176,7 @@ class UpdateAggregator(ModelAggregator):
                     "delta": self._central.dp.delta,
                 }
         else:
-            rule = self.rule
-            if params_type == ParamsType.FULL:  # full weights all point the same way: no direction to screen
-                rule = dataclasses.replace(rule, min_cosine=None)
-            result = aggregate_round(
-                rule,
-                [p for _, p, _ in updates],
-                [n for _, _, n in updates],
-                declared=[self._declared_for(i) for i, _, _ in updates],
-            )
-            weight_of = {updates[j][0]: w for j, w in enumerate(result.weights)}
-            clips = [{**c, "index": updates[c["index"]][0]} for c in result.info.get("weight_clips", [])]
-            for j, reason in sorted(result.rejected.items()):
-                self._reject(updates[j][0], reason)
-            for j, norm in enumerate(result.norms):
-                self._round_sites[updates[j][0]]["update_norm"] = norm
-            for j, cosine in enumerate(result.cosines):
-                if cosine == cosine:  # nan: not screened (rejected earlier, too few updates, screen off)
-                    self._round_sites[updates[j][0]]["update_cosine"] = cosine
+            result = combine_round(rule, params, screening)
             entry["aggregation"] = {k: v for k, v in result.info.items() if k != "weight_clips"}
             if "selected" in result.info:  # Krum: which sites' updates were averaged
                 entry["aggregation"]["selected"] = [
@@ -212,6 +198,25 @@ class UpdateAggregator(ModelAggregator):
         metrics = {k: float(np.average([s["metrics"][k] for s in accepted], weights=weights)) for k in metric_names}
         self.reset_stats()
         return FLModel(params_type=params_type, params=combined, metrics=metrics)
+
+    def _screen_settings(self, params_type) -> AggregationConfig:
+        """The one screen every mode runs, with what does not apply switched off."""
+        rule = self.rule
+        if self._central is not None:
+            rule = rule.without_relative_screens()  # see AggregationConfig.without_relative_screens
+        if params_type == ParamsType.FULL:  # full weights all point the same way: no direction to screen
+            rule = dataclasses.replace(rule, min_cosine=None)
+        return rule
+
+    def _record_screening(self, updates: list, screening: Screening) -> None:
+        """Each rejection (with its reason), norm and cosine in its site's history entry."""
+        for j, reason in sorted(screening.rejected.items()):
+            self._reject(updates[j][0], reason)
+        for j, norm in enumerate(screening.norms):
+            self._round_sites[updates[j][0]]["update_norm"] = norm  # nan: invalid, so not measured
+        for j, cosine in enumerate(screening.cosines):
+            if cosine == cosine:  # nan: not screened (rejected earlier, too few updates, screen off)
+                self._round_sites[updates[j][0]]["update_cosine"] = cosine
 
     def _declared_for(self, index: int) -> int | None:
         return (self.declared or {}).get(self._round_sites[index]["site"])
