@@ -14,15 +14,15 @@ import numpy as np
 import pytest
 import torch
 from hospital_fl.models.cxr import ModelConfig, build_cxr_model
-from hospital_fl.privacy import dp_sgd as dp_sgd_module
 from hospital_fl.privacy.central import CentralClientDP
 from hospital_fl.privacy.client_dp import central_dp_mean, clip_update, privatize_local
 from hospital_fl.privacy.config import DPConfig
-from hospital_fl.privacy.dp_sgd import DPSGDTrainer
 from hospital_fl.privacy.metrics_release import release_metrics
-from hospital_fl.privacy.site import SitePrivacy
+from hospital_fl.training import dp_sgd as dp_sgd_module
 from hospital_fl.training.config import TrainConfig
+from hospital_fl.training.dp_sgd import DPSGDTrainer
 from hospital_fl.training.loops import get_weights
+from hospital_fl.training.private_site import SitePrivacy
 
 SEED = 0  # the seed in every job folder under jobs/
 TRAIN = TrainConfig(epochs=1, device="cpu", seed=SEED, augment=False)

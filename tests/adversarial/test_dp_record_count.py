@@ -22,9 +22,9 @@ from hospital_fl.flare.executor import CXRTrainExecutor
 from hospital_fl.models.cxr import ModelConfig, build_cxr_model
 from hospital_fl.privacy.config import DPConfig
 from hospital_fl.privacy.setup import init_site_privacy
-from hospital_fl.privacy.site import SitePrivacy
 from hospital_fl.training.config import TrainConfig
 from hospital_fl.training.loops import get_weights
+from hospital_fl.training.private_site import SitePrivacy
 from nvflare.apis.fl_constant import FLMetaKey, ReservedKey, ReturnCode
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.signal import Signal

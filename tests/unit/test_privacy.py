@@ -22,14 +22,14 @@ from hospital_fl.privacy.client_dp import (
     update_norm,
 )
 from hospital_fl.privacy.config import DPConfig
-from hospital_fl.privacy.dp_sgd import DPSGDTrainer, make_dp_valid
 from hospital_fl.privacy.ledger import PrivacyLedger
 from hospital_fl.privacy.metrics_release import LOSS_BOUND, release_metrics
 from hospital_fl.privacy.policy import SitePrivacyPolicy, check_job_budget, policy_from_dict, read_site_policy
 from hospital_fl.privacy.setup import init_site_privacy
-from hospital_fl.privacy.site import SitePrivacy
 from hospital_fl.training.config import TrainConfig
+from hospital_fl.training.dp_sgd import DPSGDTrainer, make_dp_valid
 from hospital_fl.training.loops import get_weights
+from hospital_fl.training.private_site import SitePrivacy
 from hospital_fl.training.site_round import run_site_round
 from opacus.accountants import PRVAccountant, RDPAccountant
 

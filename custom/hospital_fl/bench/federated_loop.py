@@ -27,9 +27,9 @@ from hospital_fl.models.cxr import CXRClassifier, ModelConfig, build_cxr_model
 from hospital_fl.privacy.accounting import epsilon_of
 from hospital_fl.privacy.central import CentralClientDP
 from hospital_fl.privacy.config import DPConfig
-from hospital_fl.privacy.site import SitePrivacy
 from hospital_fl.training.config import TrainConfig
 from hospital_fl.training.loops import get_weights, set_weights
+from hospital_fl.training.private_site import SitePrivacy
 from hospital_fl.training.site_round import run_site_round
 
 __all__ = ["InProcessRun", "run_federated_in_process"]

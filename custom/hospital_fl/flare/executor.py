@@ -31,7 +31,7 @@ from hospital_fl.errors import InputError
 from hospital_fl.flare.privacy_gate import SitePrivacyGate, open_gate, refusal_reply
 from hospital_fl.models.cxr import ModelConfig, build_cxr_model
 from hospital_fl.privacy.config import DPConfig
-from hospital_fl.privacy.site import SitePrivacy
+from hospital_fl.training.private_site import SitePrivacy
 from hospital_fl.training.config import TrainConfig
 from hospital_fl.training.site_round import run_site_round, score_global
 

@@ -39,7 +39,7 @@ from hospital_fl.privacy.policy import (
     check_release,
     resolve_site_policy,
 )
-from hospital_fl.privacy.site import SitePrivacy
+from hospital_fl.training.private_site import SitePrivacy
 
 __all__ = [
     "SitePrivacyGate",

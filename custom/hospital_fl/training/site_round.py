@@ -17,7 +17,7 @@ import numpy as np
 
 from hospital_fl.data.federated import SiteData
 from hospital_fl.models.cxr import ModelConfig, build_cxr_model
-from hospital_fl.privacy.site import SitePrivacy
+from hospital_fl.training.private_site import SitePrivacy
 from hospital_fl.training.config import TrainConfig
 from hospital_fl.training.loops import get_weights, predict_proba, set_weights, train_local
 from hospital_fl.training.metrics import rank_auc, reportable_metrics
