@@ -19,7 +19,6 @@ import multiprocessing
 from pathlib import Path
 
 import pytest
-from hospital_fl.flare import executor as executor_module
 from hospital_fl.flare.executor import CXRTrainExecutor
 from hospital_fl.flare.privacy_gate import PRIVACY_HOME_ENV, SitePrivacyGate
 from hospital_fl.flare.profile_job import PROFILE_TASK, SiteProfileExecutor
@@ -27,6 +26,7 @@ from hospital_fl.flare.seg_executor import SegTrainExecutor
 from hospital_fl.models.cxr import build_cxr_model
 from hospital_fl.privacy.ledger import PrivacyLedger, Spend
 from hospital_fl.privacy.policy import SitePrivacyPolicy, check_job_budget
+from hospital_fl.training import site_round as site_round_module
 from hospital_fl.training.loops import get_weights
 from nvflare.apis.fl_constant import ReturnCode
 from nvflare.apis.shareable import Shareable
@@ -143,7 +143,7 @@ def test_a_segmentation_job_at_a_require_dp_site_is_refused_before_it_trains(tmp
 
     reason = _refusal(reply)
     assert "requires differential privacy" in reason and "segmentation" in reason and "Fix:" in reason
-    assert executor._cases is None  # the datalist was never read, nothing trained
+    assert executor.algorithm.cases is None  # the datalist was never read, nothing trained
 
 
 # -- an environment variable that tries to loosen the signed policy -------------------------------
@@ -159,7 +159,7 @@ def test_the_env_override_cannot_loosen_the_kits_policy(tmp_path, monkeypatch):
     (loose / "hospital_fl_privacy.json").write_text(json.dumps({"require_dp": False, "max_job_epsilon": 100}))
     monkeypatch.setenv(PRIVACY_HOME_ENV, str(tmp_path / "override"))
     trained = []
-    monkeypatch.setattr(executor_module, "run_site_round", lambda *a, **k: trained.append(1))
+    monkeypatch.setattr(site_round_module, "run_site_round", lambda *a, **k: trained.append(1))
 
     assert "requires differential privacy" in _refusal(_plain_job_reply(kit))  # require_dp stays on
     dp = CXRTrainExecutor(train=FAST, privacy={"mechanism": "sample", "target_epsilon": 8.0}, num_rounds=1)

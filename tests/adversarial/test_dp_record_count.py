@@ -90,7 +90,7 @@ def _site_replies(tmp_path, site: SiteData, n: int) -> tuple[FLModel, FLModel]:
         (root / folder).mkdir(parents=True)
     init_site_privacy(root, site.name)  # the site's own kit policy and ledger
     executor = CXRTrainExecutor(train=FAST, privacy=dataclasses.asdict(DPConfig("sample", 8.0)), num_rounds=2)
-    executor._data = _with_train_records(site, n)  # the site's data, n training records
+    executor.algorithm.data = _with_train_records(site, n)  # the site's data, n training records
     ctx = _ctx(root, site.name)
     start = get_weights(build_cxr_model(ModelConfig()))
     task = FLModel(params_type=ParamsType.FULL, params=start, current_round=0, total_rounds=2)

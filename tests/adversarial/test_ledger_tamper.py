@@ -21,10 +21,10 @@ import os
 import pytest
 from hospital_fl.cli import main
 from hospital_fl.errors import InputError
-from hospital_fl.flare import executor as executor_module
 from hospital_fl.flare.executor import CXRTrainExecutor
 from hospital_fl.models.cxr import build_cxr_model
 from hospital_fl.privacy.ledger import PrivacyLedger, Spend
+from hospital_fl.training import site_round as site_round_module
 from hospital_fl.training.loops import get_weights
 from nvflare.apis.signal import Signal
 from site_kit import FAST, SITE, ledger_of, make_kit, refusal, site_ctx, train_task
@@ -156,7 +156,7 @@ def test_a_version_1_ledger_is_refused_with_its_migration(tmp_path):
 # -- bad input through the real executor: nothing trains, nothing is sent ----------------------
 def _dp_job_reply(kit, monkeypatch):
     trained = []
-    monkeypatch.setattr(executor_module, "run_site_round", lambda *a, **k: trained.append(1))
+    monkeypatch.setattr(site_round_module, "run_site_round", lambda *a, **k: trained.append(1))
     executor = CXRTrainExecutor(train=FAST, privacy={"mechanism": "sample", "target_epsilon": 2.0}, num_rounds=1)
     reply = executor.execute("train", train_task(get_weights(build_cxr_model()), 0, 1), site_ctx(kit), Signal())
     assert trained == []

@@ -73,7 +73,7 @@ def test_under_scaffold_the_site_keeps_its_control_and_returns_its_change():
     )
     delta = first.meta[AlgorithmConstants.SCAFFOLD_CTRL_DIFF]
     assert set(delta) == set(start) and any(np.abs(v).sum() > 0 for v in delta.values())
-    kept = {k: v.copy() for k, v in executor._control.items()}
+    kept = {k: v.copy() for k, v in executor.algorithm.control.items()}
     for k in delta:  # the site starts from zero, so its control equals the first change
         np.testing.assert_allclose(kept[k], delta[k], rtol=1e-6)
     # a plain FedAvg task leaves the control untouched and returns none

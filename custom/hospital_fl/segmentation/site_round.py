@@ -4,11 +4,20 @@ Score the received global weights on the site's validation cases, then continue 
 from them; send full weights (or their difference to the global weights) with the scores
 and the number of training cases. Preprocessed volumes stay cached in the site's process
 between rounds, so only the random crops and augmentation are redone each round.
+
+``SegSiteAlgorithm`` is the segmentation job's site algorithm
+(hospital_fl.training.site_algorithm): it validates the site's datalist when the job starts
+(cases with a missing modality, mismatched shapes or spacings, an empty mask, labels outside
+the scheme or an unreadable file are logged, written to ``seg_datalist_report.json`` in the
+job's run folder and left out; a site with no usable training case refuses the job) and runs
+``run_seg_round`` each round.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 import threading
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
@@ -17,9 +26,12 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
+import torch
 
+from hospital_fl.data.ingest.site_dataset import site_data_path
 from hospital_fl.errors import InputError
 from hospital_fl.models.seg import SegModelConfig, build_seg_model
+from hospital_fl.segmentation.datalist import validate_datalist
 from hospital_fl.segmentation.pipeline import (
     SegPipelineConfig,
     SegTrainConfig,
@@ -32,8 +44,19 @@ from hospital_fl.segmentation.pipeline import (
 )
 from hospital_fl.training.loops import get_weights, set_weights
 from hospital_fl.training.metrics import reportable_metrics
+from hospital_fl.training.site_algorithm import RoundTask, SiteJob, SiteLog, SiteScores, SiteUpdate
 
-__all__ = ["SegRoundOutcome", "clear_loader_cache", "get_weights", "run_seg_round", "set_weights"]
+__all__ = [
+    "REPORT_FILE",
+    "SegRoundOutcome",
+    "SegSiteAlgorithm",
+    "clear_loader_cache",
+    "get_weights",
+    "run_seg_round",
+    "set_weights",
+]
+
+REPORT_FILE = "seg_datalist_report.json"
 
 _MAX_LOADERS = 8  # train + validation loaders of a few co-located simulated sites
 _LOADERS: OrderedDict[tuple, object] = OrderedDict()
@@ -151,3 +174,92 @@ def run_seg_round(
         train_seconds=result["seconds"],
         params_type="DIFF" if send_difference else "FULL",
     )
+
+
+class SegSiteAlgorithm:
+    """The segmentation network's part of a federated job at one site (a ``SiteAlgorithm``).
+
+    Each round scores the received global model on the site's validation cases (Dice per
+    region), trains it for ``train.epochs`` epochs of label-aware crops and sends the
+    difference to the received weights (what robust rules and compression work on) with the
+    number of training cases.
+
+    Args:
+        datalist: the site's datalist JSON; "{site}" is replaced by the site's name and
+            "${VAR}" by the site's environment variable.
+        model: the network (must match the server's initial model).
+        pipeline: spacing, crop size, label scheme.
+        train: local training settings.
+    """
+
+    job = "segmentation"
+    dp = None  # segmentation has no DP-SGD in this bundle: a site that requires DP refuses it
+
+    def __init__(self, datalist: str, model: SegModelConfig, pipeline: SegPipelineConfig, train: SegTrainConfig):
+        self.datalist, self.model_cfg, self.pipe_cfg, self.train_cfg = datalist, model, pipeline, train
+        self.cases: dict[str, list[dict]] | None = None  # "training" / "validation": the usable cases
+
+    def load(self, job: SiteJob, log: SiteLog) -> None:
+        if self.cases is not None:
+            return
+        if self.train_cfg.torch_threads:
+            torch.set_num_threads(self.train_cfg.torch_threads)
+        path = site_data_path(self.datalist, job.site)
+        report = validate_datalist(path, label_scheme=self.pipe_cfg.label_scheme)
+        if job.run_dir is not None:
+            with open(os.path.join(job.run_dir, REPORT_FILE), "w") as f:
+                json.dump(report.to_json(), f, indent=1, default=str)
+        for problem in report.problems:
+            log.warning(f"datalist: left out {problem.section}/{problem.case}: {problem.detail}")
+        train = report.require("training", minimum=1)
+        self.cases = {"training": train, "validation": report.usable.get("validation", [])}
+        log.info(
+            f"datalist {path}: {len(train)} training / {len(self.cases['validation'])} validation cases usable, "
+            f"{len(report.problems)} left out"
+        )
+
+    def release_plan(self) -> None:
+        return None
+
+    def sample_count(self) -> int:
+        return len(self._loaded()["training"])
+
+    def train_round(self, task: RoundTask) -> SiteUpdate:
+        cases = self._loaded()
+        outcome = run_seg_round(
+            cases["training"],
+            cases["validation"],
+            task.weights,
+            round_index=task.round_index,
+            total_rounds=max(task.total_rounds or 1, task.round_index + 1),
+            model_cfg=self.model_cfg,
+            pipe_cfg=self.pipe_cfg,
+            train_cfg=self.train_cfg,
+            fedprox_mu=task.fedprox_mu,
+            send_difference=True,
+        )
+        return SiteUpdate(
+            weights=outcome.weights,
+            metrics=outcome.metrics,
+            n_samples=outcome.n_samples,
+            train_seconds=outcome.train_seconds,
+            params_type=outcome.params_type,
+            local_metrics=dict(outcome.metrics),
+        )
+
+    def score(self, weights: dict[str, np.ndarray]) -> SiteScores:
+        model = build_seg_model(self.model_cfg)
+        set_weights(model, weights)
+        val_cases = self._loaded()["validation"]
+        scores = evaluate(model, val_cases, self.pipe_cfg, self.train_cfg) if val_cases else {}
+        metrics = (
+            {"val_dice": scores["mean_dice"], **{f"val_dice_{r}": v for r, v in scores["dice"].items()}}
+            if scores
+            else {}
+        )
+        return SiteScores(metrics=metrics, local_metrics=dict(metrics))
+
+    def _loaded(self) -> dict[str, list[dict]]:
+        if self.cases is None:
+            raise RuntimeError("the site's datalist is not loaded: call load() when the job starts")
+        return self.cases
