@@ -27,10 +27,10 @@ from hospital_fl.data.splits import SplitConfig
 from hospital_fl.errors import InputError
 from hospital_fl.models.cxr import ModelConfig, build_cxr_model
 from hospital_fl.privacy.config import DPConfig
-from hospital_fl.training.private_site import SitePrivacy
 from hospital_fl.training.config import TrainConfig
 from hospital_fl.training.loops import get_weights, predict_proba, set_weights, train_local
 from hospital_fl.training.metrics import rank_auc, reportable_metrics
+from hospital_fl.training.private_site import SitePrivacy
 from hospital_fl.training.scaffold import control_update, correction
 from hospital_fl.training.site_algorithm import RoundTask, SiteJob, SiteLog, SiteScores, SiteUpdate
 
