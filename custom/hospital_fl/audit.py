@@ -28,6 +28,9 @@ operator writes down or publishes outside this machine (minutes, a ticket, anoth
 ``verify_trail(path, anchor=...)`` then checks that the trail still holds record ``n - 1`` with
 hash ``h``; a truncated or rewritten trail fails. The chain protects against undetected change,
 not against change: keep backups, and keep write access to the trail's folder narrow.
+
+One module (~510 lines): appending, verifying and showing the trail share one hash-chain
+format, and the verifier must read exactly what the writer wrote.
 """
 
 from __future__ import annotations

@@ -11,15 +11,13 @@ from hospital_fl.data.federated import load_federated
 from hospital_fl.data.ingest.profile import (
     BUDGET_WEIGHTS,
     ProfileConfig,
-    ShiftConfig,
-    ShiftReport,
     SiteProfile,
-    compare_profiles,
     exact_profile,
     noise_scales,
     noisy_queries,
     release_profile,
 )
+from hospital_fl.data.ingest.shift import ShiftConfig, ShiftReport, compare_profiles
 from hospital_fl.data.splits import SplitConfig
 from hospital_fl.errors import InputError
 

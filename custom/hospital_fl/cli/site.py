@@ -144,7 +144,8 @@ def _cmd_site_profile(args) -> int:
 
 
 def _cmd_site_compare(args) -> int:
-    from hospital_fl.data.ingest.profile import SiteProfile, compare_profiles
+    from hospital_fl.data.ingest.profile import SiteProfile
+    from hospital_fl.data.ingest.shift import compare_profiles
 
     profiles = {}
     for path in args.profiles:

@@ -30,6 +30,10 @@ made by FLARE's HEBuilder at provisioning and signed with the kit. A round reads
 
 Metrics the sites report (AUC, loss) and sample counts travel in plaintext, as in FLARE's
 own HE jobs. SimEnv runs have no kits and so no contexts: HE jobs run in POC or production.
+
+One module (~600 lines): its classes are the four sides of one protocol (encrypt, sum,
+announce, decrypt) whose checks must agree, and their class paths are the wire format of the HE
+job.
 """
 
 from __future__ import annotations

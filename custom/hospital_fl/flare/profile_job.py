@@ -27,8 +27,9 @@ from nvflare.apis.signal import Signal
 from nvflare.job_config.api import FedJob
 from nvflare.recipe.spec import Recipe
 
-from hospital_fl.data.ingest.profile import ProfileConfig, ShiftConfig, SiteProfile, compare_profiles
+from hospital_fl.data.ingest.profile import ProfileConfig, SiteProfile
 from hospital_fl.data.ingest.profile_site import profile_site
+from hospital_fl.data.ingest.shift import ShiftConfig, compare_profiles
 from hospital_fl.data.ingest.site_dataset import site_data_path
 from hospital_fl.data.splits import site_names
 from hospital_fl.errors import InputError

@@ -24,6 +24,10 @@ moving 5 ciphertexts to a worker costs about what adding them does (1.1 s for 5 
 1.3 s with two workers). Pools start from a clean forkserver process (forking a process
 that runs gRPC threads is unsafe): ~1 s once, plus the import of the caller's __main__;
 one pool per context and worker count, kept for the next round; shutdown_pools() ends them.
+
+One module (~800 lines): what a site encrypts, what the server may add and what a site accepts
+to decrypt are one protocol, checked in one place; the process pool for ciphertext work is
+private to it.
 """
 
 from __future__ import annotations

@@ -20,6 +20,9 @@ garbage there. Last come TAG_FIELDS contribution tags: pseudorandom integers in
 (hospital_fl.privacy.he), one vector per site and round. After aggregation they decode to
 the sum of the summed sites' tags, which proves to a decrypting site which sites' updates
 the aggregate holds, each exactly once.
+
+One module (~490 lines): the packing layout and its inverse must change together; a split would
+let a site pack with one layout and unpack with another.
 """
 
 from __future__ import annotations

@@ -26,6 +26,9 @@ Tamper evidence, in three layers:
 A missing or corrupt ledger is refused, never reset: a reset would hand back spent budget. It
 is rebuilt from the verified audit trail instead (``rebuild_from_audit``), which holds every
 spend. Version-1 ledgers (unkeyed checksum) are refused with that rebuild as the migration.
+
+One module (~610 lines): the ledger's HMAC, its link to the audit trail and the check-and-
+record under one lock are a single guarantee.
 """
 
 from __future__ import annotations

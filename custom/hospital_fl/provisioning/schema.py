@@ -10,6 +10,9 @@ An operator describes the consortium once in ``site_configs/``::
 run or a hospital's policy would trip over later is checked here first, and each error
 names the file, the field, the value and the fix. Names follow FLARE's participant-name
 rules (nvflare.apis.utils.format_check), repeated here so this module stays FLARE-free.
+
+One module (~640 lines): one typed, validated schema for every site_configs file, each field
+with its own error text.
 """
 
 from __future__ import annotations

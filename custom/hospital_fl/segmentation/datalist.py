@@ -15,6 +15,9 @@ missing modality, a mask on another grid, a mask from another labelling conventi
 fails late (deep inside a FLARE round) or silently (a mask shifted against its image). Validation
 reads every file once, lists each bad case with its reason, and keeps the good ones: a bad case is
 listed, never loses the others.
+
+One module (~550 lines): loading a datalist and checking every case against it are one
+contract; most lines are the per-case checks and their error texts.
 """
 
 from __future__ import annotations

@@ -15,6 +15,9 @@ a 256x256x25 volume at 0.78x0.78x6.5 mm becomes 200x200x79 (about 13 MB per moda
 slices into 157 (2x the memory and sliding-window time for no real detail). With the default crop
 (64, 64, 32) a training crop then covers a 64 mm cube. BraTS volumes (1 mm isotropic) lose
 every other slice at this default; GPU sites training on them can set (1, 1, 1) federation-wide.
+
+One module (~550 lines): the MONAI transforms, the training step and the scoring share one
+configuration and must agree on spacing, crop and label scheme.
 """
 
 from __future__ import annotations

@@ -16,6 +16,9 @@ may show identifying text (BurnedInAnnotation YES, secondary captures), and
 
 The salt is the site's secret. Without it nobody can recompute a pseudonym from a patient id, and
 with a different salt the same patient gets an unrelated pseudonym, so sites cannot be linked.
+
+One module (~560 lines): the de-identification allow list and the code applying it must change
+together; most lines are the PS3.15 tables.
 """
 
 from __future__ import annotations

@@ -14,6 +14,10 @@ The cache, like the manifest, holds only pseudonyms and non-identifying header f
 
 ingest_report.json names rejected files by their path under DICOM_DIR so staff can find
 them; it is site-local and never sent anywhere (paths can carry identifiers).
+
+One module (~530 lines): the ingest run's crash-safe order (stage, screen, write the
+generation, then switch) reads top to bottom; its checks live in screening, phi, pixels and
+labels.
 """
 
 from __future__ import annotations

@@ -19,6 +19,9 @@ once complete: a failed run leaves ``out_dir`` as it was.
 
 The builders project.yml names live in hospital_fl.flare.provision (their class path is the
 wire format of project.yml).
+
+One module (~580 lines): provisioning and adding a site share the staging, swap-into-place and
+audit steps that keep a failed run from touching issued kits.
 """
 
 from __future__ import annotations

@@ -10,6 +10,9 @@ the site.
 The chain and the signatures are checked against the kit's own rootCA.pem: a kit whose
 root CA was replaced and which was re-signed as a whole passes them. ``project`` (and the
 root CA fingerprint in the project row, to compare with provision.json) pins the consortium.
+
+One module (~680 lines): one check per row of the report a site's IT staff read; each check is
+a short function.
 """
 
 from __future__ import annotations

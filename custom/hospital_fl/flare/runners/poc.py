@@ -6,6 +6,9 @@ each site's local policy is widened to this bundle's classes; the server and cli
 are started from their kits' startup scripts; the job is submitted and followed through
 the FLARE admin API; the result is downloaded; the system is shut down. Everything
 talks over loopback with the mutual-TLS certificates the provisioning created.
+
+One module (~610 lines): starting, watching and always stopping a POC system are one lifecycle;
+splitting it would scatter the cleanup that guarantees no process outlives a command.
 """
 
 from __future__ import annotations
