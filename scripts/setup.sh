@@ -11,4 +11,10 @@ PYTHON=${PYTHON:-python3}
 # shellcheck disable=SC2086
 .venv/bin/python -m pip install -q ${HOSPITAL_FL_TORCH:-torch==2.13.0}
 .venv/bin/python -m pip install -q ".[test]"
+# Headless Chromium renders `hospital-fl status --html` pages in the tests (they skip without it).
+# Debian/Ubuntu as root only; elsewhere install a chromium yourself or let that test skip.
+if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" -eq 0 ]; then
+  apt-get install -y -q chromium >/dev/null || { apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null; } \
+    || echo "chromium could not be installed; the status page screenshot test will skip"
+fi
 echo "hospital_fl installed in $(pwd)/.venv"

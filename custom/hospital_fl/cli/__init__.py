@@ -13,6 +13,7 @@ from hospital_fl.cli.kit import add_kit_commands
 from hospital_fl.cli.privacy import add_privacy_commands
 from hospital_fl.cli.provision import add_provision_commands
 from hospital_fl.cli.site import add_site_commands
+from hospital_fl.cli.status import add_status_command
 from hospital_fl.errors import InputError
 
 __all__ = ["build_parser", "main"]
@@ -30,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
         add_provision_commands,
         add_kit_commands,
         add_audit_commands,
+        add_status_command,
     ):
         add_commands(sub)
     return parser

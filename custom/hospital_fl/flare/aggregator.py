@@ -10,8 +10,9 @@ the rule needs, the round leaves the global model unchanged (logged); when none 
 round fails loudly. A round's updates are all full weights or all differences to the
 global model; robust rules and central client-level DP need differences. Every round's
 per-site report (metrics, sample count, training seconds, bytes on the wire, accepted or
-why not) is written to round_history.json in the server's run folder, which travels with
-the job result.
+why not) is written to round_history.json in the server's run folder after every round
+(replaced atomically, so a reader mid-job or after a crash sees whole rounds only), which
+travels with the job result.
 
 Every mode runs the same screen (hospital_fl.aggregation.strategy.screen_round): with a rule,
 and with central client-level DP, where the screens that compare one site with the others
@@ -53,6 +54,7 @@ __all__ = [
     "DECLARED_IMAGES_FILE",
     "read_declared_images",
     "record_weight_clips",
+    "write_history",
 ]
 
 HISTORY_FILE = "round_history.json"
@@ -70,6 +72,18 @@ def read_declared_images(fl_ctx: FLContext) -> dict[str, int] | None:
         return None
     with open(path) as f:
         return check_declared_counts(json.load(f), path)
+
+
+def write_history(run_dir: str, history: list[dict]) -> str:
+    """Replace ``run_dir``/round_history.json with ``history`` in one step (write aside, then rename)."""
+    path = os.path.join(run_dir, HISTORY_FILE)
+    partial = os.path.join(run_dir, f".{HISTORY_FILE}.partial")
+    with open(partial, "w") as f:
+        json.dump(history, f, indent=1, default=float)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(partial, path)
+    return path
 
 
 def record_weight_clips(sites: list[dict], clips: list[dict]) -> list[dict]:
@@ -103,6 +117,7 @@ class UpdateAggregator(ModelAggregator):
         self.logger = get_obj_logger(self)  # ModelAggregator skips FLComponent's init
         self.history: list[dict] = []  # one entry per round: {"round", "sites": [...], "aggregation": {...}}
         self.declared: dict[str, int] | None = None  # read from the server kit at START_RUN
+        self._run_dir: str | None = None  # the server's run folder, known from START_RUN
         self._round = 0
         self.reset_stats()
 
@@ -190,6 +205,7 @@ class UpdateAggregator(ModelAggregator):
             entry.setdefault("aggregation", {})["weight_clips"] = record_weight_clips(self._round_sites, clips)
             self.logger.info(f"round {rnd}: claimed sample counts bounded: {entry['aggregation']['weight_clips']}")
         accepted = [s for s in self._round_sites if s["accepted"]]
+        self._save_history()
         if combined is None:
             self.reset_stats()
             raise RuntimeError(f"round {rnd}: every site's update was rejected; see {HISTORY_FILE} for the reasons")
@@ -198,6 +214,17 @@ class UpdateAggregator(ModelAggregator):
         metrics = {k: float(np.average([s["metrics"][k] for s in accepted], weights=weights)) for k in metric_names}
         self.reset_stats()
         return FLModel(params_type=params_type, params=combined, metrics=metrics)
+
+    def _save_history(self) -> None:
+        """Every round so far to the run folder; a failed write is logged and retried after the next round."""
+        if self._run_dir is None:  # no START_RUN (a unit harness)
+            return
+        try:
+            write_history(self._run_dir, self.history)
+        except OSError as err:
+            self.logger.warning(
+                f"round {self._round}: {HISTORY_FILE} not written ({err}); retried after the next round"
+            )
 
     def _screen_settings(self, params_type) -> AggregationConfig:
         """The one screen every mode runs, with what does not apply switched off."""
@@ -225,7 +252,9 @@ class UpdateAggregator(ModelAggregator):
         super().handle_event(event_type, fl_ctx)
         if event_type == EventType.START_RUN:
             self.declared = read_declared_images(fl_ctx)
+            job_id = fl_ctx.get_job_id()
+            self._run_dir = fl_ctx.get_engine().get_workspace().get_run_dir(job_id) if job_id else None
         elif event_type == EventType.END_RUN:
+            # Again at the end: a controller may add to the last round's entries after aggregating (SCAFFOLD).
             run_dir = fl_ctx.get_engine().get_workspace().get_run_dir(fl_ctx.get_job_id())
-            with open(os.path.join(run_dir, HISTORY_FILE), "w") as f:
-                json.dump(self.history, f, indent=1, default=float)
+            write_history(run_dir, self.history)

@@ -13,18 +13,26 @@ site's ledger before it trains), "sample_count" (the aggregation weight an HE jo
 apply before encrypting) and "validate" (the job's final model, decrypted at the site in an
 HE job: scored on the site's own data and kept in its run folder). This class only converts
 FLARE messages to plain data; the algorithm holds the maths.
+
+Live metrics: after each train round the metrics the reply carries (and the round's training
+seconds) are also sent as scalars on FLARE's analytics path (the local "analytix_log_stats"
+event, which the job's ConvertToFedEvent forwards to the server's TensorBoard receiver), with
+the round as the step. Only what the reply already sends is streamed: under DP those are the
+DP-released figures, never the site's exact scores.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import torch
+from nvflare.apis.analytix import AnalyticsDataType
 from nvflare.apis.event_type import EventType
 from nvflare.apis.executor import Executor
 from nvflare.apis.fl_constant import FLMetaKey, ReturnCode
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import Shareable, make_reply
 from nvflare.apis.signal import Signal
+from nvflare.apis.utils.analytix_utils import create_analytic_dxo, send_analytic_dxo
 from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 from nvflare.app_common.app_constant import AlgorithmConstants
 from nvflare.app_common.utils.fl_model_utils import FLModelUtils
@@ -36,6 +44,7 @@ from hospital_fl.training.site_algorithm import RoundTask, SiteAlgorithm, SiteJo
 __all__ = [
     "FINAL_MODEL_FILE",
     "SAMPLE_COUNT_TASK",
+    "TRAIN_SECONDS_TAG",
     "TRAIN_TASK",
     "VALIDATE_TASK",
     "SiteExecutor",
@@ -46,6 +55,7 @@ TRAIN_TASK = "train"
 SAMPLE_COUNT_TASK = "sample_count"  # an HE job asks for each site's aggregation weight first
 VALIDATE_TASK = "validate"  # an HE job's final model, decrypted at the site: score it and keep it
 FINAL_MODEL_FILE = "final_global_model.pt"
+TRAIN_SECONDS_TAG = "train_seconds"  # streamed beside the reply's metrics (the reply's meta carries it too)
 
 
 class SiteExecutor(Executor):
@@ -159,6 +169,9 @@ class SiteExecutor(Executor):
         if abort_signal.triggered:
             return make_reply(ReturnCode.TASK_ABORTED)
         self.log_info(fl_ctx, f"round {received.current_round}: {site} kept {update.local_metrics}")
+        self._stream_round(
+            {**update.metrics, TRAIN_SECONDS_TAG: update.train_seconds}, received.current_round or 0, fl_ctx
+        )
         reply = FLModel(
             params_type=ParamsType(update.params_type),
             params=update.weights,
@@ -172,6 +185,17 @@ class SiteExecutor(Executor):
             },
         )
         return FLModelUtils.to_shareable(reply)
+
+    def _stream_round(self, scalars: dict[str, float], round_index: int, fl_ctx: FLContext) -> None:
+        """Send what the round's reply says as live scalars (tag = metric name, step = round).
+
+        Callers pass only figures the reply already carries: under DP the released ones.
+        """
+        if fl_ctx.get_engine() is None:  # a bare harness context: no FLARE to receive them
+            return
+        for tag, value in sorted(scalars.items()):
+            dxo = create_analytic_dxo(tag, float(value), AnalyticsDataType.SCALAR, global_step=int(round_index))
+            send_analytic_dxo(self, dxo, fl_ctx)
 
     def _score_final(self, received: FLModel, fl_ctx: FLContext) -> Shareable:
         """Score the job's final model on this site's own data and keep it in the site's run

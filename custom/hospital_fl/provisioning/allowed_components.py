@@ -8,7 +8,8 @@ ledger. The list is the classes the bundle's own jobs build and nothing else:
 
 - the executors of the job-type map (job_types.EXECUTOR_JOB_TYPES), one per job type;
 - the server and client components of the bundle's recipes (``BUNDLE_COMPONENTS``):
-  controllers, aggregators, filters, models, the persistor and the FedOpt optimiser;
+  controllers, aggregators, filters, models, the persistor, the FedOpt optimiser and the
+  server's TensorBoard receiver for the metrics sites stream;
 - what FLARE adds itself: the widgets of its job API, the log streamer a provisioned site
   injects into each client app (``FLARE_INJECTED``).
 
@@ -50,6 +51,8 @@ BUNDLE_COMPONENTS: Mapping[str, str] = {
     "torch.optim.Adam": "FedOpt server optimiser",
     "torch.optim.SGD": "FedOpt server optimiser",
     "torch.optim.lr_scheduler.ConstantLR": "FedOpt server learning-rate schedule",
+    "nvflare.app_opt.tracking.tb.tb_receiver.TBAnalyticsReceiver": "server analytics receiver (live metrics)",
+    "nvflare.app_common.workflows.cross_site_model_eval.CrossSiteModelEval": "server controller (cross-site evaluation)",
 }
 
 # Components FLARE adds itself: its job API to every job it exports (nvflare.job_config.base_fed_job

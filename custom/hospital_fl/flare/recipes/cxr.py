@@ -2,7 +2,8 @@
 
 ``build_recipe`` turns a plain JobSpec into a FLARE recipe (FedAvg, FedProx, FedOpt or
 SCAFFOLD controller with the job's round policy, the screening aggregator with its rule,
-and compression filters when asked); ``export_job``
+compression filters when asked, and the server's TensorBoard receiver for the metrics
+each site streams per round); ``export_job``
 writes an ordinary job folder (meta.json + app configs) that ``nvflare job submit`` and
 the admin console's ``submit_job`` accept. No app/custom code is shipped: every config
 "path" names a class in hospital_fl or in FLARE, installed on the server and each site.
@@ -16,6 +17,7 @@ import shutil
 from pathlib import Path
 
 from nvflare.app_opt.pt.recipes.fedavg import FedAvgRecipe
+from nvflare.app_opt.tracking.tb.tb_receiver import TBAnalyticsReceiver
 from nvflare.recipe.spec import Recipe
 
 from hospital_fl.aggregation.server_optimizer import ServerOptimizerConfig
@@ -34,7 +36,9 @@ from hospital_fl.privacy.he_params import CKKSParams
 from hospital_fl.training.config import TrainConfig
 
 __all__ = [
+    "TB_FOLDER",
     "round_controller",
+    "add_live_metrics",
     "add_wire_filters",
     "STANDARD_JOBS",
     "build_recipe",
@@ -45,6 +49,8 @@ __all__ = [
 
 # The executor ignores this: sites run CXRTrainExecutor, not a script (see _InstalledSiteCode).
 _NO_SCRIPT = "hospital_fl.flare.executor"
+# Where the server's TensorBoard receiver writes, inside the job's run folder: <run dir>/tb_events/<site>/
+TB_FOLDER = "tb_events"
 
 
 class _InstalledSiteCode:
@@ -59,6 +65,8 @@ class _InstalledSiteCode:
     """
 
     site_executor: CXRTrainExecutor
+    # More tasks the sites' executor answers, e.g. cross-site evaluation's (recipes.cross_site).
+    extra_site_tasks: tuple[str, ...] = ()
 
     def _setup_model_and_persistor(self, job) -> str:
         self._building_job = job  # the controller hook may add components (FedOpt's model copy)
@@ -67,6 +75,7 @@ class _InstalledSiteCode:
     def _prepare_client_apps(self) -> None:
         # The HE controller also asks for sample counts and has the final model scored at the sites.
         tasks = [TRAIN_TASK, SAMPLE_COUNT_TASK, VALIDATE_TASK] if self.spec.he is not None else [TRAIN_TASK]
+        tasks += [t for t in self.extra_site_tasks if t not in tasks]
         self._job.to_clients(self.site_executor, tasks=tasks)
 
 
@@ -203,6 +212,17 @@ def add_wire_filters(
         recipe.add_client_output_filter(EncryptUpdate(ckks=he.to_json()), tasks=[TRAIN_TASK])
 
 
+def add_live_metrics(recipe: Recipe) -> None:
+    """The server writes the scalars each site streams per round (SiteExecutor) as TensorBoard
+    event files under ``<server run dir>/tb_events/<site>/``.
+
+    The sites' ConvertToFedEvent, which forwards the local analytics event to the server,
+    comes with FLARE's job API. Only TensorBoard, so the exported job is the same wherever it
+    is exported; docs/operations.md shows how to add FLARE's MLflowReceiver.
+    """
+    recipe._job.to_server(TBAnalyticsReceiver(tb_folder=TB_FOLDER), id="receiver")
+
+
 def build_recipe(spec: JobSpec) -> Recipe:
     """A FLARE recipe for ``spec``, ready for SimEnv / PocEnv / ProdEnv or export."""
     recipe = HospitalRecipe(
@@ -220,6 +240,7 @@ def build_recipe(spec: JobSpec) -> Recipe:
     recipe.site_executor = CXRTrainExecutor(**spec.executor_args())
     recipe.add_server_config({"server": {"task_request_interval": spec.task_request_interval}})
     add_wire_filters(recipe, spec.uplink, spec.downlink, spec.he)
+    add_live_metrics(recipe)
     # hospital_fl is installed at every site: reference it, never copy it into app/custom.
     recipe._job.set_app_packages(["hospital_fl"])
     return recipe

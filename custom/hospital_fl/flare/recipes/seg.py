@@ -2,7 +2,7 @@
 
 ``SegJobSpec`` is plain typed data; ``build_seg_recipe`` turns it into FLARE's FedAvg recipe
 (the bundle's round policy, screening aggregator with key metric val_dice, compression
-and HE filters exactly as the CXR jobs use them); ``export_seg_job`` writes jobs/seg_fedavg.
+and HE filters and the live-metrics receiver exactly as the CXR jobs use them); ``export_seg_job`` writes jobs/seg_fedavg.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from hospital_fl.errors import InputError
 from hospital_fl.flare.aggregator import UpdateAggregator
 from hospital_fl.flare.recipes.cxr import (
     _InstalledSiteCode,
+    add_live_metrics,
     add_wire_filters,
     export_recipe,
     round_controller,
@@ -82,6 +83,7 @@ def build_seg_recipe(spec: SegJobSpec) -> Recipe:
     recipe.site_executor = SegTrainExecutor(**spec.executor_args())
     recipe.add_server_config({"server": {"task_request_interval": spec.task_request_interval}})
     add_wire_filters(recipe, spec.uplink, CompressionConfig(), spec.he)
+    add_live_metrics(recipe)
     recipe._job.set_app_packages(["hospital_fl"])
     return recipe
 
