@@ -29,6 +29,8 @@ def _cmd_bench(args) -> int:
         return _bench_he(args)
     if args.suite == "seg":
         return _bench_seg(args)
+    if args.suite == "scale":
+        return _bench_scale(args)
     from hospital_fl.bench.cxr import run_benchmark
 
     spec = spec_from_args(args)
@@ -156,6 +158,25 @@ def _bench_seg(args) -> int:
     return 0
 
 
+def _bench_scale(args) -> int:
+    from hospital_fl.bench.scale import run_scale_benchmark
+    from hospital_fl.cli.job_options import DEFAULT_ROUNDS
+
+    rounds = args.rounds if args.rounds != DEFAULT_ROUNDS else 2
+
+    def progress(point: dict) -> None:
+        print(f"{point['sites']} sites: {point['seconds_per_round']:.1f} s/round", flush=True)
+
+    result = run_scale_benchmark(
+        Path(args.workspace) / "scale", sizes=tuple(args.sizes), rounds=rounds, threads=args.threads, progress=progress
+    )
+    out = Path(args.out if args.out != "out/bench.json" else "out/scale_bench.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+    print(json.dumps(result) if args.json else json.dumps(result, indent=2))
+    return 0
+
+
 def add_bench_command(sub: argparse._SubParsersAction) -> None:
     bench = sub.add_parser(
         "bench",
@@ -166,7 +187,7 @@ def add_bench_command(sub: argparse._SubParsersAction) -> None:
         "suite",
         nargs="?",
         default="cxr",
-        choices=["cxr", "privacy", "privacy-gate", "aggregation", "ingest", "provision", "he", "seg"],
+        choices=["cxr", "privacy", "privacy-gate", "aggregation", "ingest", "provision", "he", "seg", "scale"],
     )
     add_job_options(bench)
     bench.add_argument("--epsilons", type=float, nargs="+", default=[1.0, 3.0, 8.0], help="privacy suite")
@@ -183,6 +204,12 @@ def add_bench_command(sub: argparse._SubParsersAction) -> None:
     bench.add_argument("--copies", type=int, default=40, help="ingest suite: files per transfer syntax")
     bench.add_argument("--site-configs", default="site_configs", help="provision suite: the consortium to provision")
     bench.add_argument("--no-stock", action="store_true", help="he suite: skip stock FLARE HE")
+    bench.add_argument(
+        "--sizes", type=int, nargs="+", default=[5, 20, 50], help="scale suite: hospitals per run (default 5 20 50)"
+    )
+    bench.add_argument(
+        "--threads", type=int, default=4, help="scale suite: simulator client workers at a time (default 4)"
+    )
     bench.add_argument("--json", action="store_true", help="print the summary as one JSON line")
     bench.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     bench.add_argument("--stock", action="store_true", help="also time stock NVFlare FedAvgRecipe on the same work")

@@ -7,14 +7,22 @@ are started from their kits' startup scripts; the job is submitted and followed 
 the FLARE admin API; the result is downloaded; the system is shut down. Everything
 talks over loopback with the mutual-TLS certificates the provisioning created.
 
-One module (~610 lines): starting, watching and always stopping a POC system are one lifecycle;
-splitting it would scatter the cleanup that guarantees no process outlives a command.
+A consortium that runs for weeks also loses processes: ``LiveSystem.kill`` and
+``LiveSystem.start_from_kit`` rehearse a hospital (or the server) dying and its operator
+starting it again from the kit, ``Liveness`` makes a rehearsal server declare a silent
+hospital dead in seconds instead of FLARE's ten minutes, and ``wait_for_job`` fails clearly
+when the server that ran a job restarted (FLARE 2.9 does not resume such a job).
+
+One module (~900 lines): starting, watching, losing and always stopping a POC system are one
+lifecycle; splitting it would scatter the cleanup that guarantees no process outlives a command.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
+import json
 import logging
 import os
 import shutil
@@ -46,18 +54,25 @@ from nvflare.tool.poc.service_constants import FlareServiceConstants as SC
 
 from hospital_fl.data.splits import site_names
 from hospital_fl.errors import InputError
+from hospital_fl.flare.aggregator import HISTORY_FILE
 from hospital_fl.flare.interrupts import sigterm_as_interrupt
 from hospital_fl.flare.kits.site_policy import allow_bundle_components
-from hospital_fl.flare.progress import RoundWatcher
+from hospital_fl.flare.progress import RoundWatcher, rounds_finished
 from hospital_fl.flare.recipes.cxr import export_job
-from hospital_fl.flare.runners.simulator import FederatedRun, read_job_result
+from hospital_fl.flare.runners.simulator import GLOBAL_MODEL_FILE, FederatedRun, read_job_result
 from hospital_fl.jobspec import JobSpec
 from hospital_fl.privacy.setup import init_site_privacy
 
 __all__ = [
     "DEFAULT_PORT",
     "PocSystem",
+    "Liveness",
     "LiveSystem",
+    "ServerRestartedError",
+    "prepare_system",
+    "participant_processes",
+    "InterruptedJob",
+    "interrupted_job",
     "system_from_kits",
     "with_he_builder",
     "running_system",
@@ -101,6 +116,9 @@ class PocSystem:
     server: str
     clients: tuple[str, ...]
     admin: str
+    # Environment variables every participant starts with (e.g. Liveness.env()), also when
+    # started again from its kit.
+    env: tuple[tuple[str, str], ...] = ()
 
     def kit(self, name: str) -> Path:
         return self.prod_dir / name
@@ -113,6 +131,56 @@ class PocSystem:
     @property
     def server_log(self) -> Path:
         return self.kit(self.server) / "log.txt"
+
+
+@dataclass(frozen=True)
+class Liveness:
+    """How fast a rehearsal server gives up on a silent hospital.
+
+    FLARE's defaults, which production kits keep: the server removes a client it has not
+    heard from for 600 s (``heart_beat_timeout`` in the server kit's fed_server.json), and a
+    job then gives the reported-dead client 60 s of grace before it counts as disconnected
+    (``dead_client_grace_period``). Only then does FLARE apply the job's ``min_clients``:
+    fewer live sites than that aborts the job. A POC rehearsal shortens both so a drop-out
+    plays out in seconds.
+
+    Attributes:
+        heart_beat_timeout_s: seconds without a heartbeat before the server removes a client.
+            Clients heartbeat every 10 s and the age of the last one was seen reaching 12 s, so
+            anything under 15 would remove live hospitals.
+        dead_client_grace_s: seconds a job waits after a dead-client report before it counts
+            the client as disconnected.
+    """
+
+    heart_beat_timeout_s: int = 15
+    dead_client_grace_s: int = 2
+
+    def __post_init__(self):
+        if not (isinstance(self.heart_beat_timeout_s, int) and self.heart_beat_timeout_s >= 15):
+            raise InputError(
+                "heart_beat_timeout_s",
+                self.heart_beat_timeout_s,
+                "it must be a whole number >= 15: clients heartbeat every 10 s, so a shorter timeout removes live ones",
+                "use 15 or more (FLARE's default is 600)",
+            )
+        if not (isinstance(self.dead_client_grace_s, int) and self.dead_client_grace_s >= 0):
+            raise InputError(
+                "dead_client_grace_s", self.dead_client_grace_s, "it must be a whole number >= 0", "use e.g. 2"
+            )
+
+    def env(self) -> tuple[tuple[str, str], ...]:
+        # FLARE reads job settings from the job's config or from NVFLARE_<NAME> variables of the
+        # process; the server's job processes inherit the server's environment.
+        return (("NVFLARE_DEAD_CLIENT_GRACE_PERIOD", str(self.dead_client_grace_s)),)
+
+    def apply(self, server_kit: Path) -> None:
+        """Write the heartbeat timeout into the server kit's startup/fed_server.json (POC kits
+        are not signed; a provisioned kit would refuse to start after this edit)."""
+        config_file = server_kit / "startup" / "fed_server.json"
+        config = json.loads(config_file.read_text())
+        for server in config["servers"]:
+            server["heart_beat_timeout"] = self.heart_beat_timeout_s
+        config_file.write_text(json.dumps(config, indent=2))
 
 
 # ---------------------------------------------------------------- helpers
@@ -184,6 +252,32 @@ def poc_processes(workspace: str | Path) -> list[psutil.Process]:
     return found
 
 
+def participant_processes(system: PocSystem, name: str) -> list[psutil.Process]:
+    """Live FLARE processes of one participant: its start script's supervisor loop, its
+    FLARE process and the job processes it spawned (matched by its kit folder)."""
+    kit = str(system.kit(name).resolve())
+    return [
+        proc
+        for proc in poc_processes(system.workspace)
+        if any(arg == kit or arg.startswith(kit + os.sep) for arg in _cmdline(proc))
+    ]
+
+
+def _cmdline(proc: psutil.Process) -> list[str]:
+    with contextlib.suppress(psutil.Error):
+        return proc.cmdline()
+    return []
+
+
+_SERVER_MODULE = "nvflare.private.fed.app.server.server_train"
+
+
+def _server_process(system: PocSystem) -> psutil.Process | None:
+    """The server's FLARE process (not its supervisor, not its job processes), if it runs here."""
+    found = [p for p in participant_processes(system, system.server) if _SERVER_MODULE in _cmdline(p)]
+    return found[0] if found else None
+
+
 def system_from_kits(kits_dir: str | Path, admin: str, clients: tuple[str, ...] | None = None) -> PocSystem:
     """The system whose kits ``hospital-fl provision`` wrote to ``kits_dir`` (its out/kits).
 
@@ -243,10 +337,10 @@ def _prepare(workspace: Path, project: dict) -> PocSystem:
     )
 
 
-def kit_env() -> dict:
+def kit_env(system: PocSystem | None = None) -> dict:
     """The environment a kit's start script runs in: `python3` is this interpreter, which
-    has hospital_fl installed (as the site image has)."""
-    env = dict(os.environ)
+    has hospital_fl installed (as the site image has), plus ``system.env``."""
+    env = dict(os.environ, **dict(system.env if system is not None else ()))
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     return env
 
@@ -254,7 +348,7 @@ def kit_env() -> dict:
 def _start(system: PocSystem, procs: dict[str, subprocess.Popen], names: tuple[str, ...]) -> None:
     """Start each named participant from its kit's startup script, as `nvflare poc start`
     does; each process enters ``procs`` as soon as it exists, for the cleanup."""
-    env = kit_env()
+    env = kit_env(system)
     for name in names:
         kit = system.kit(name)
         with open(kit / CONSOLE_LOG, "a", buffering=1) as console:
@@ -274,7 +368,7 @@ def _start(system: PocSystem, procs: dict[str, subprocess.Popen], names: tuple[s
 def _check_alive(system: PocSystem, procs: dict[str, subprocess.Popen]) -> None:
     """Fail fast when a participant's start script has exited (it restarts a crashed process
     itself, so an exit means it gave up)."""
-    for name, proc in procs.items():
+    for name, proc in list(procs.items()):  # a copy: LiveSystem.kill may remove one meanwhile
         if proc.poll() is not None:
             raise RuntimeError(
                 f"POC participant {name} exited with code {proc.returncode}; read {system.kit(name) / CONSOLE_LOG}"
@@ -356,18 +450,22 @@ def _stop(system: PocSystem, procs_by_name: dict[str, subprocess.Popen]) -> list
     """
     started = time.monotonic()
     procs = list(procs_by_name.values())
+    graceful = False
     if any(proc.poll() is None for proc in procs):
         try:
             with _quiet_admin_client():
                 shutdown_system(
                     str(system.prod_dir), username=system.admin, timeout_in_sec=int(STOP_TIMEOUT_S), verbose=False
                 )
+            graceful = True
         except Exception as err:
+            # e.g. after a server restart: FLARE first aborts every job its store lists as
+            # RUNNING, and the job the restart orphaned can no longer be aborted.
             log.warning("graceful POC shutdown failed (%s); terminating its processes", err)
-    # The start scripts notice the shutdown within a few seconds and exit with their child.
-    _wait_until(lambda: all(proc.poll() is not None for proc in procs), STOP_TIMEOUT_S)
-    # Job processes run in sessions of their own; an aborted one can outlive its parent.
-    _wait_until(lambda: not poc_processes(system.workspace), ORPHAN_GRACE_S)
+    if graceful:  # the start scripts notice the shutdown within a few seconds and exit with their child
+        _wait_until(lambda: all(proc.poll() is not None for proc in procs), STOP_TIMEOUT_S)
+        # Job processes run in sessions of their own; an aborted one can outlive its parent.
+        _wait_until(lambda: not poc_processes(system.workspace), ORPHAN_GRACE_S)
     for sig in (signal.SIGTERM, signal.SIGKILL):
         leftovers = poc_processes(system.workspace)
         live_groups = [proc.pid for proc in procs if proc.poll() is None]
@@ -420,7 +518,12 @@ class LiveSystem:
     def start_clients(self, names: tuple[str, ...], timeout_s: float = CONNECT_TIMEOUT_S) -> None:
         """Start more hospitals from their kits (in the same kits folder) and wait until they registered."""
         _start(self.system, self.procs, names)
-        deadline = time.monotonic() + timeout_s
+        self.wait_connected(names, timeout_s)
+
+    def wait_connected(self, names: tuple[str, ...], timeout_s: float = CONNECT_TIMEOUT_S) -> float:
+        """Wait until every named client is registered with the server; returns the seconds waited."""
+        start = time.monotonic()
+        deadline = start + timeout_s
         while not set(names) <= connected_clients(self.session):
             _check_alive(self.system, self.procs)
             if time.monotonic() >= deadline:
@@ -428,9 +531,43 @@ class LiveSystem:
                     f"{', '.join(names)} did not register within {timeout_s:.0f}s; read their {CONSOLE_LOG}"
                 )
             time.sleep(POLL_S)
+        return time.monotonic() - start
 
     def check_alive(self) -> None:
         _check_alive(self.system, self.procs)
+
+    def kill(self, name: str) -> list[int]:
+        """SIGKILL a participant's start-script supervisor, FLARE process and job processes at
+        once, as a crashed machine leaves them (its supervisor would otherwise restart it);
+        the system stops counting it as started. Returns the pids killed."""
+        started = self.procs.pop(name, None)  # first: its death is intended, not a failure to report
+        procs = participant_processes(self.system, name)
+        for proc in procs:
+            with contextlib.suppress(psutil.Error):
+                proc.kill()
+        psutil.wait_procs(procs, timeout=10)
+        if started is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                started.wait(timeout=10)
+        return [p.pid for p in procs]
+
+    def start_from_kit(self, name: str) -> None:
+        """Start a participant as its operator does after a crash: ``bash startup/start.sh``
+        in its kit, which puts the kit's supervisor loop in the background and returns. The
+        shutdown finds it by its kit folder like every other process of the system."""
+        kit = self.system.kit(name)
+        with open(kit / CONSOLE_LOG, "a", buffering=1) as console:
+            subprocess.run(
+                ["bash", str(kit / "startup" / "start.sh")],
+                cwd=kit,
+                env=kit_env(self.system),
+                stdin=subprocess.DEVNULL,
+                stdout=console,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                check=True,
+                timeout=30,
+            )
 
 
 @contextlib.contextmanager
@@ -483,6 +620,89 @@ def submit_folder(session: Session, job_dir: str | Path) -> str:
         return session.submit_job(str(folder.resolve()))
 
 
+@dataclass(frozen=True)
+class InterruptedJob:
+    """How far a job got before the server that ran it went away, from its server run folder.
+
+    Attributes:
+        job_id / name: the job (name None when the server never reported it).
+        rounds_completed: rounds aggregated and saved (None: nothing on disk says).
+        total_rounds: the rounds the job was submitted with (None: unknown).
+        source: the file ``rounds_completed`` was read from.
+        global_model: the persistor's last saved global model (None: none saved yet).
+    """
+
+    job_id: str
+    name: str | None
+    rounds_completed: int | None
+    total_rounds: int | None
+    source: Path | None
+    global_model: Path | None
+
+
+def interrupted_job(system: PocSystem, job_id: str, name: str | None = None) -> InterruptedJob:
+    """Read from the server's run folder of ``job_id`` how far the job got: the aggregator's
+    round history if it was written, else the rounds the controller logged as started."""
+    run_dir = system.kit(system.server) / job_id
+    rounds, source = None, None
+    history = run_dir / HISTORY_FILE
+    if history.is_file():
+        with contextlib.suppress(ValueError, OSError, TypeError, KeyError):
+            entries = json.loads(history.read_text())
+            rounds, source = max((int(e["round"]) + 1 for e in entries), default=0), history
+    if rounds is None and (run_dir / "log.txt").is_file():
+        rounds, source = rounds_finished((run_dir / "log.txt").read_text(errors="replace")), run_dir / "log.txt"
+    total = None
+    with contextlib.suppress(ValueError, OSError, KeyError, IndexError, TypeError):
+        server_config = json.loads((run_dir / "app_server" / "config" / "config_fed_server.json").read_text())
+        total = int(server_config["workflows"][0]["args"]["num_rounds"])
+    model = run_dir / "app_server" / GLOBAL_MODEL_FILE
+    return InterruptedJob(job_id, name, rounds, total, source, model if model.is_file() else None)
+
+
+class ServerRestartedError(RuntimeError):
+    """The server process that ran a job ended or was replaced while the job ran.
+
+    FLARE 2.9 does not resume a job after a server restart (it no longer snapshots a job, and
+    nothing restores one): the restarted server tells the sites to abort their part, and the
+    job's record stays RUNNING. The message names the job, how far it got and what to do.
+    """
+
+    def __init__(self, job: InterruptedJob, old_pid: int, new_pid: int | None):
+        self.job, self.old_pid, self.new_pid = job, old_pid, new_pid
+        done = job.rounds_completed
+        progress = (
+            "unknown (no round history or server log in its run folder)"
+            if done is None
+            else f"{done}{f' of {job.total_rounds}' if job.total_rounds else ''} (read from {job.source})"
+        )
+        if job.global_model is not None:
+            model = (
+                f"the persistor's last global model{f' (after round {done - 1})' if done else ''} is {job.global_model}"
+            )
+        else:
+            model = "no global model was saved (no round finished), so it starts over"
+        what = f"was replaced by pid {new_pid}" if new_pid else "is gone"
+        super().__init__(
+            f"job {job.job_id}{f' ({job.name})' if job.name else ''} cannot finish: the FLARE server process that "
+            f"ran it (pid {old_pid}) {what} while the job ran. FLARE 2.9 does not resume a job after a server "
+            "restart: the sites abort their part and the job stays RUNNING in `list_jobs` (the admin API can "
+            f"neither abort nor delete it; new jobs run beside it). Rounds completed: {progress}. "
+            f"Fix: resubmit the job; {model}."
+        )
+
+
+def _check_server(system: PocSystem, job_id: str, server: psutil.Process | None, meta: dict) -> None:
+    """Raise ServerRestartedError when ``server`` (the server process seen when the job was
+    followed) no longer runs; nothing to check for a server on another machine (None)."""
+    if server is None:
+        return
+    now = _server_process(system)
+    if now == server:  # psutil compares pid and start time, so a reused pid is a new process
+        return
+    raise ServerRestartedError(interrupted_job(system, job_id, meta.get("name")), server.pid, now and now.pid)
+
+
 def wait_for_job(
     live: LiveSystem, job_id: str, timeout_s: float, on_round: Callable[[int], None] | None = None
 ) -> dict:
@@ -490,18 +710,29 @@ def wait_for_job(
 
     Raises:
         TimeoutError: the job did not end in time.
+        ServerRestartedError: the server process running the job ended or was restarted.
         RuntimeError: a participant's process died meanwhile.
     """
     system, session = live.system, live.session
+    server = _server_process(system)  # None: the server runs on another machine
+    seen: dict = {}
 
-    def still_running(*_) -> bool:  # monitor callback: raises if a participant's process died
+    def still_running(_session, _job_id, meta, *_) -> bool:  # monitor callback: raises if a process died
+        seen.update(meta or {})
+        _check_server(system, job_id, server, seen)
         live.check_alive()
         return True
 
     with RoundWatcher(system.kit(system.server) / job_id, on_round or (lambda rounds: None)):
-        code, meta = session.monitor_job_and_return_job_meta(
-            job_id, timeout=timeout_s, poll_interval=POLL_S, cb=still_running
-        )
+        try:
+            code, meta = session.monitor_job_and_return_job_meta(
+                job_id, timeout=timeout_s, poll_interval=POLL_S, cb=still_running
+            )
+        except ServerRestartedError:
+            raise
+        except Exception:
+            _check_server(system, job_id, server, seen)  # the connection dropped: did the server go?
+            raise
     if code == MonitorReturnCode.TIMEOUT:
         with contextlib.suppress(Exception):
             session.abort_job(job_id)
@@ -553,6 +784,56 @@ def run_job(
     return run
 
 
+def prepare_system(
+    workspace_root: str | Path,
+    num_sites: int,
+    port: int = DEFAULT_PORT,
+    *,
+    he_args: dict | None = None,
+    privacy: bool = False,
+    liveness: Liveness | None = None,
+    site_setup: Callable[[str, Path], None] | None = None,
+) -> PocSystem:
+    """Kits of a POC system (server, site-1..N, admins) in ``workspace_root/poc`` (replaced), ready to start.
+
+    Args:
+        workspace_root: folder that receives the POC workspace.
+        num_sites: hospitals, named site-1..site-N.
+        port: the server's port for clients and admins.
+        he_args: FLARE HEBuilder arguments: every kit gets a TenSEAL context (None: no HE).
+        privacy: give every site an empty privacy ledger in its kit (for DP jobs).
+        liveness: shorter dead-client detection for rehearsing drop-outs (None: FLARE's defaults).
+        site_setup: called with each site's name and kit folder, e.g. to write its local/privacy.json.
+
+    Raises:
+        InputError: the port is taken or out of range.
+    """
+    root = Path(workspace_root).resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    project = poc_project(num_sites, port)
+    if he_args is not None:  # what PocEnv(use_he=True) does, with the job's CKKS parameters
+        project = with_he_builder(project, he_args)
+    # Before prepare: `prepare --force` wipes the workspace, and with it the kits an
+    # earlier POC system on this port would need for `nvflare poc stop`.
+    check_ports_free([port])
+    tick = time.monotonic()
+    system = _prepare(root / "poc", project)
+    for name in system.participants:
+        allow_bundle_components(system.kit(name) / "local")
+    sites = site_names(num_sites)
+    if privacy:  # a fresh POC site starts with an empty ledger in its kit
+        for site in sites:
+            init_site_privacy(system.kit(site), site)
+    if site_setup is not None:
+        for site in sites:
+            site_setup(site, system.kit(site))
+    if liveness is not None:
+        liveness.apply(system.kit(system.server))
+        system = dataclasses.replace(system, env=liveness.env())
+    log.info("POC prepared in %.1fs at %s", time.monotonic() - tick, system.workspace)
+    return system
+
+
 def run_in_poc(
     spec: JobSpec,
     workspace_root: str | Path,
@@ -587,25 +868,15 @@ def run_in_poc(
     if not timeout_s > 0:
         raise InputError("timeout_s", timeout_s, "it must be > 0", "use e.g. 900")
     root = Path(workspace_root).resolve()
-    root.mkdir(parents=True, exist_ok=True)
-    project = poc_project(spec.num_sites, port)
-    if spec.he is not None:  # what PocEnv(use_he=True) does, with the job's CKKS parameters
-        project = with_he_builder(project, spec.he.builder_args())
-    # Before prepare: `prepare --force` wipes the workspace, and with it the kits an
-    # earlier POC system on this port would need for `nvflare poc stop`.
-    check_ports_free([port])
-    tick = time.monotonic()
-    system = _prepare(root / "poc", project)
-    for name in system.participants:
-        allow_bundle_components(system.kit(name) / "local")
     privacy = getattr(spec, "privacy", None)  # a segmentation job has no DP settings
-    if privacy is not None and privacy.enabled:  # a fresh POC site starts with an empty ledger in its kit
-        for site in site_names(spec.num_sites):
-            init_site_privacy(system.kit(site), site)
-    if site_setup is not None:
-        for site in site_names(spec.num_sites):
-            site_setup(site, system.kit(site))
-    log.info("POC prepared in %.1fs at %s", time.monotonic() - tick, system.workspace)
+    system = prepare_system(
+        root,
+        spec.num_sites,
+        port,
+        he_args=spec.he.builder_args() if spec.he is not None else None,
+        privacy=privacy is not None and privacy.enabled,
+        site_setup=site_setup,
+    )
 
     with running_system(system) as live, tempfile.TemporaryDirectory() as jobs_dir:
         folder = export_job(spec, jobs_dir) if job_dir is None else Path(job_dir)
