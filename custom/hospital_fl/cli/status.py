@@ -20,7 +20,7 @@ def _error(args, message: str, code: int) -> int:
 
 
 def _cmd_status(args) -> int:
-    """Exit 0 with the report, 1 when the server cannot be reached or refuses the kit, 2 on bad input."""
+    """Exit 0 with the report, 1 when the server cannot be reached or refuses the kit or a query, 2 on bad input."""
     from rich.console import Console
     from rich.markup import escape
     from rich.table import Table

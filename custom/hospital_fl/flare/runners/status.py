@@ -57,7 +57,7 @@ _RECENT_JOBS = 5
 
 
 class ServerUnreachable(RuntimeError):
-    """The FLARE server did not answer, or refused the admin kit's login."""
+    """The FLARE server did not answer, refused the admin kit's login, or failed a query."""
 
 
 @dataclass(frozen=True)
@@ -199,6 +199,14 @@ def _session(kit: AdminKit, timeout: float) -> Iterator[Session]:
         ) from None
     try:
         yield session
+    except InputError:
+        raise
+    except Exception as err:  # noqa: BLE001 - a query the server refused or failed: name it, no traceback
+        raise ServerUnreachable(
+            f"{where} answered a status query with an error ({type(err).__name__}: {err}). Fix: use an admin kit "
+            "whose role may list and download jobs and run the server's `cat` command (FLARE's project_admin may), "
+            "or retry if the server was restarting"
+        ) from None
     finally:
         with contextlib.suppress(Exception):
             session.close()
@@ -260,11 +268,14 @@ def _job_history(session: Session, meta: dict) -> tuple[list[dict], int | None]:
 
 def _read_json_on_server(session: Session, relative: str, missing):
     """A JSON file under the server's workspace through the admin `cat` command (``missing``
-    when it is not there yet, e.g. before the first round ends)."""
-    text = session.cat_target("server", file=relative)
+    when it is not there yet, e.g. before the first round ends, or when the admin's role may
+    not run shell commands on the server)."""
     try:
-        return json.loads(text)
+        return json.loads(session.cat_target("server", file=relative))
     except json.JSONDecodeError:  # "cat: ...: No such file or directory"
+        return missing
+    except Exception as err:  # noqa: BLE001 - e.g. AuthorizationError: the rest of the report still stands
+        log.warning("could not read %s on the server: %s", relative, err)
         return missing
 
 
