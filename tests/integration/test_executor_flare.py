@@ -85,7 +85,7 @@ def test_other_tasks_are_declined_and_unknown_sites_named():
     executor = CXRTrainExecutor(train=FAST)
 
     assert (
-        executor.execute("submit_model", Shareable(), _ctx("site-1"), Signal()).get_return_code()
+        executor.execute("get_weights", Shareable(), _ctx("site-1"), Signal()).get_return_code()
         == ReturnCode.TASK_UNKNOWN
     )
     # the HE job's final "validate" task must carry the model: without one it is answered with an error

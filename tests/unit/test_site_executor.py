@@ -157,7 +157,7 @@ def test_unknown_tasks_are_declined_and_tasks_without_a_model_are_bad_data():
     algorithm = LeastSquaresSite()
     executor = SiteExecutor(algorithm)
 
-    unknown = executor.execute("submit_model", Shareable(), site_context("site-1", "job-1"), Signal())
+    unknown = executor.execute("get_weights", Shareable(), site_context("site-1", "job-1"), Signal())
 
     assert unknown.get_return_code() == ReturnCode.TASK_UNKNOWN
     assert algorithm.loads == 0  # an unknown task reads nothing

@@ -31,6 +31,8 @@ def _cmd_bench(args) -> int:
         return _bench_seg(args)
     if args.suite == "scale":
         return _bench_scale(args)
+    if args.suite == "clinical":
+        return _bench_clinical(args)
     from hospital_fl.bench.cxr import run_benchmark
 
     spec = spec_from_args(args)
@@ -158,6 +160,20 @@ def _bench_seg(args) -> int:
     return 0
 
 
+def _bench_clinical(args) -> int:
+    from hospital_fl.bench.clinical import run_clinical_benchmark
+
+    spec = spec_from_args(args)
+    with progress_bar() as progress:
+        result = run_clinical_benchmark(spec, seeds=args.seeds, progress=progress)
+    out = Path(args.out if args.out != "out/bench.json" else "out/clinical_bench.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+    brief = {k: v for k, v in result.items() if k != "per_seed"}
+    print(json.dumps(brief) if args.json else json.dumps(brief, indent=2))
+    return 0
+
+
 def _bench_scale(args) -> int:
     from hospital_fl.bench.scale import run_scale_benchmark
     from hospital_fl.cli.job_options import DEFAULT_ROUNDS
@@ -187,7 +203,18 @@ def add_bench_command(sub: argparse._SubParsersAction) -> None:
         "suite",
         nargs="?",
         default="cxr",
-        choices=["cxr", "privacy", "privacy-gate", "aggregation", "ingest", "provision", "he", "seg", "scale"],
+        choices=[
+            "cxr",
+            "privacy",
+            "privacy-gate",
+            "aggregation",
+            "ingest",
+            "provision",
+            "he",
+            "seg",
+            "scale",
+            "clinical",
+        ],
     )
     add_job_options(bench)
     bench.add_argument("--epsilons", type=float, nargs="+", default=[1.0, 3.0, 8.0], help="privacy suite")

@@ -1,7 +1,10 @@
 """The federated-vs-centralized-vs-local-only report (report.json and report.md).
 
 report.json keys are a contract (extend, never rename): task, dataset, rounds, sites[],
-federated, centralized, local_only, timing, communication, privacy, flags.
+federated, centralized, local_only, timing, communication, privacy, flags. The clinical
+sections (evaluation.clinical_report) extend it with cross_site, personalization,
+operating_points, calibration, gradcam and model_card, and each sites[i] with auc_ci95 and
+auc_personalized (``attach_clinical``).
 """
 
 from __future__ import annotations
@@ -12,10 +15,19 @@ from pathlib import Path
 import numpy as np
 
 from hospital_fl.data.federated import FederatedDataset
+from hospital_fl.evaluation.clinical_render import render_clinical_markdown
 from hospital_fl.evaluation.scoring import ModelScores, summarize
 from hospital_fl.training.metrics import rank_auc
 
-__all__ = ["build_report", "outlier_sites", "round_curve", "run_timing", "render_markdown", "write_report"]
+__all__ = [
+    "attach_clinical",
+    "build_report",
+    "outlier_sites",
+    "render_markdown",
+    "round_curve",
+    "run_timing",
+    "write_report",
+]
 
 DATASET_NAME = "PneumoniaMNIST (MedMNIST v2, 28x28, CC BY 4.0)"
 
@@ -182,6 +194,36 @@ def build_report(
     }
 
 
+CLINICAL_KEYS = ("cross_site", "personalization", "operating_points", "calibration", "gradcam", "model_card")
+BASE_PLOTS = ("roc.png", "rounds.png", "sites.png")
+
+
+def attach_clinical(
+    report: dict,
+    sections: dict,
+    site_auc_ci95: dict[str, list[float]] | None = None,
+    site_auc_personalized: dict[str, float] | None = None,
+) -> dict:
+    """``report`` extended with the clinical sections (keys among CLINICAL_KEYS) and, per site,
+    the federated AUC's 95% CI and the personalized model's AUC; existing keys are kept as they are."""
+    unknown = sorted(set(sections) - set(CLINICAL_KEYS))
+    if unknown:
+        raise ValueError(f"unknown clinical sections {unknown}; report.json takes {list(CLINICAL_KEYS)}")
+    sites = [
+        {
+            **s,
+            **({"auc_ci95": list(site_auc_ci95[s["name"]])} if site_auc_ci95 and s["name"] in site_auc_ci95 else {}),
+            **(
+                {"auc_personalized": site_auc_personalized[s["name"]]}
+                if site_auc_personalized and s["name"] in site_auc_personalized
+                else {}
+            ),
+        }
+        for s in report["sites"]
+    ]
+    return {**report, "sites": sites, **sections}
+
+
 def _privacy_line(privacy: dict, central_dp: dict | None) -> str:
     sites = {k: v for k, v in privacy.items() if v}
     if not sites and not central_dp:
@@ -239,7 +281,16 @@ def render_markdown(report: dict) -> str:
         "",
     ]
     lines += [f"- {f}" for f in report["flags"]] or ["- none"]
-    lines += ["", "Plots: roc.png, rounds.png, sites.png", ""]
+    clinical = render_clinical_markdown(report)
+    if clinical:
+        lines += ["", clinical.rstrip("\n")]
+    plots = list(BASE_PLOTS) + [
+        report[k]["plot"] for k in CLINICAL_KEYS if isinstance(report.get(k), dict) and report[k].get("plot")
+    ]
+    lines += ["", "Plots: " + ", ".join(plots), ""]
+    card = report.get("model_card")
+    if card:
+        lines += [f"Model card: {card['markdown']}; the whole report with every plot in one page: {card['html']}", ""]
     return "\n".join(lines)
 
 

@@ -11,8 +11,10 @@ can no longer reach its minimum number of sites.
 Tasks: "train" (a DP round's releases are checked against the caps and recorded in the
 site's ledger before it trains), "sample_count" (the aggregation weight an HE job's sites
 apply before encrypting) and "validate" (the job's final model, decrypted at the site in an
-HE job: scored on the site's own data and kept in its run folder). This class only converts
-FLARE messages to plain data; the algorithm holds the maths.
+HE job: scored on the site's own data and kept in its run folder). FLARE's cross-site
+evaluation adds "submit_model" and its own "validate" (hospital_fl.flare.cross_site: each
+train round keeps the site's last local model for it). This class only converts FLARE
+messages to plain data; the algorithm holds the maths.
 
 Live metrics: after each train round the metrics the reply carries (and the round's training
 seconds) are also sent as scalars on FLARE's analytics path (the local "analytix_log_stats"
@@ -38,6 +40,13 @@ from nvflare.app_common.app_constant import AlgorithmConstants
 from nvflare.app_common.utils.fl_model_utils import FLModelUtils
 
 from hospital_fl.errors import InputError
+from hospital_fl.flare.cross_site import (
+    SUBMIT_MODEL_TASK,
+    is_cross_site_validation,
+    keep_local_model,
+    score_for_cross_site,
+    submit_local_model,
+)
 from hospital_fl.flare.privacy_gate import SitePrivacyGate, open_gate, refusal_reply, refuse_without_dp
 from hospital_fl.training.site_algorithm import RoundTask, SiteAlgorithm, SiteJob, SiteReleases
 
@@ -114,7 +123,7 @@ class SiteExecutor(Executor):
         self.log_error(fl_ctx, reason)
 
     def execute(self, task_name: str, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
-        if task_name not in (TRAIN_TASK, SAMPLE_COUNT_TASK, VALIDATE_TASK):
+        if task_name not in (TRAIN_TASK, SAMPLE_COUNT_TASK, VALIDATE_TASK, SUBMIT_MODEL_TASK):
             return make_reply(ReturnCode.TASK_UNKNOWN)
         if not self._prepared:  # START_RUN not seen (e.g. a unit harness)
             self._prepare(fl_ctx)
@@ -122,11 +131,15 @@ class SiteExecutor(Executor):
             return refusal_reply(self._refusal)
         if task_name == SAMPLE_COUNT_TASK:
             return FLModelUtils.to_shareable(FLModel(params={}, meta={"n_samples": self.algorithm.sample_count()}))
+        if task_name == SUBMIT_MODEL_TASK:
+            return submit_local_model(self.algorithm.job, fl_ctx, _SiteLog(self, fl_ctx))
         try:
             received = FLModelUtils.from_shareable(shareable, fl_ctx)
         except ValueError as err:  # a train or validate task must carry the model
             self.log_error(fl_ctx, f"{task_name} task without a model: {err}")
             return make_reply(ReturnCode.BAD_TASK_DATA)
+        if task_name == VALIDATE_TASK and is_cross_site_validation(shareable):
+            return score_for_cross_site(self.algorithm, received.params, fl_ctx, _SiteLog(self, fl_ctx))
         if task_name == VALIDATE_TASK:
             return self._score_final(received, fl_ctx)
         return self._run_round(received, fl_ctx, abort_signal)
@@ -169,6 +182,15 @@ class SiteExecutor(Executor):
         if abort_signal.triggered:
             return make_reply(ReturnCode.TASK_ABORTED)
         self.log_info(fl_ctx, f"round {received.current_round}: {site} kept {update.local_metrics}")
+        keep_local_model(
+            received.params,
+            update.weights,
+            update.params_type,
+            received.current_round or 0,
+            self.algorithm.job,
+            fl_ctx,
+            _SiteLog(self, fl_ctx),
+        )
         self._stream_round(
             {**update.metrics, TRAIN_SECONDS_TAG: update.train_seconds}, received.current_round or 0, fl_ctx
         )

@@ -52,6 +52,7 @@ BUNDLE_COMPONENTS: Mapping[str, str] = {
     "torch.optim.SGD": "FedOpt server optimiser",
     "torch.optim.lr_scheduler.ConstantLR": "FedOpt server learning-rate schedule",
     "nvflare.app_opt.tracking.tb.tb_receiver.TBAnalyticsReceiver": "server analytics receiver (live metrics)",
+    "nvflare.app_common.workflows.cross_site_model_eval.CrossSiteModelEval": "server controller (cross-site evaluation)",
 }
 
 # Components FLARE adds itself: its job API to every job it exports (nvflare.job_config.base_fed_job

@@ -11,6 +11,11 @@ identity the transport authenticated (FLARE's client name), never a field the si
 ``SiteScores`` that names the data it was computed on; a SiteScores naming another site's
 data is refused: a site cannot hold, so cannot score, another hospital's test images, and a
 cell filled that way would be unverifiable.
+
+What the federated job sends is the smaller form: each site computes its cell itself
+(``site_cell``: AUC, percentile bootstrap 95% CI, test count, the site's own name) and only
+that travels; ``matrix_from_cells`` checks and assembles those cells under the same rules
+(the cell names the sender's own data, every site scored the same models on one test set).
 """
 
 from __future__ import annotations
@@ -27,11 +32,15 @@ from hospital_fl.evaluation.clinical.bootstrap import ConfidenceInterval, bootst
 
 __all__ = [
     "CrossSiteMatrix",
+    "SiteCell",
     "SiteScores",
     "build_cross_site_matrix",
+    "complete_models",
     "cross_site_markdown",
+    "matrix_from_cells",
     "plot_cross_site",
     "score_cell",
+    "site_cell",
     "validate_submissions",
 ]
 
@@ -179,6 +188,152 @@ def build_cross_site_matrix(
     )
     n_test = tuple(len(checked[s][rows[0]].y_true) for s in columns)
     return CrossSiteMatrix(models=rows, sites=columns, cells=cells, n_test=n_test)
+
+
+@dataclass(frozen=True)
+class SiteCell:
+    """One model's AUC with its bootstrap CI, computed by a site on its own test data.
+
+    This is all a site sends for a cell of the matrix: no image, label or per-image score.
+    ``data_site`` is the site's own name; the receiver compares it with the sender's
+    authenticated identity.
+    """
+
+    data_site: str
+    auc: ConfidenceInterval
+    n_test: int
+
+    METRIC_KEYS = ("data_site", "auc", "auc_ci_low", "auc_ci_high", "ci_level", "n_boot", "n_skipped", "n_test")
+
+    def to_metrics(self) -> dict:
+        """Flat plain values, as a validation reply's metrics carry them."""
+        a = self.auc
+        return {
+            "data_site": self.data_site,
+            "auc": a.estimate,
+            "auc_ci_low": a.low,
+            "auc_ci_high": a.high,
+            "ci_level": a.level,
+            "n_boot": a.n_boot,
+            "n_skipped": a.n_skipped,
+            "n_test": self.n_test,
+        }
+
+    @classmethod
+    def from_metrics(cls, metrics: Mapping, where: str) -> SiteCell:
+        """Read a cell back from ``to_metrics``' form, checking every value.
+
+        Raises:
+            InputError: naming ``where`` (e.g. "site-2's cell for model global"), when a key is
+                missing or a value is out of range.
+        """
+        missing = [k for k in cls.METRIC_KEYS if k not in (metrics or {})]
+        if missing:
+            raise InputError(
+                where,
+                sorted(metrics or {}),
+                f"a cross-site cell holds {list(cls.METRIC_KEYS)}",
+                "let the site score the model with evaluation.clinical.cross_site.site_cell",
+            )
+        try:
+            low, estimate, high = (float(metrics[k]) for k in ("auc_ci_low", "auc", "auc_ci_high"))
+            n_test, n_boot, n_skipped = (int(metrics[k]) for k in ("n_test", "n_boot", "n_skipped"))
+            level = float(metrics["ci_level"])
+        except (TypeError, ValueError) as err:
+            raise InputError(
+                where, dict(metrics), f"values must be numbers ({err})", "send the cell as computed"
+            ) from err
+        if not (0 <= low <= estimate <= high <= 1) or n_test < 1 or not 0 <= n_skipped <= n_boot or not 0 < level < 1:
+            raise InputError(
+                where,
+                {"auc": estimate, "ci": (low, high), "n_test": n_test, "n_boot": n_boot, "n_skipped": n_skipped},
+                "an AUC and its interval satisfy 0 <= low <= auc <= high <= 1, with n_test >= 1 and "
+                "0 <= n_skipped <= n_boot",
+                "send the cell as site_cell computed it",
+            )
+        return cls(str(metrics["data_site"]), ConfidenceInterval(estimate, low, high, level, n_boot, n_skipped), n_test)
+
+
+def site_cell(data_site: str, y_true: np.ndarray, y_score: np.ndarray, n_boot: int = 1000, seed: int = 0) -> SiteCell:
+    """The cell a site computes on its own test data: AUC, bootstrap 95% CI and test count."""
+    labels, _ = binary_labels_and_scores(y_true, y_score)
+    return SiteCell(data_site, score_cell(y_true, y_score, n_boot, seed), len(labels))
+
+
+def complete_models(
+    cells: Mapping[str, Mapping[str, Mapping | SiteCell | None]], sites: tuple[str, ...] | list[str]
+) -> tuple[tuple[str, ...], dict[str, list[str]]]:
+    """(models every site returned a cell for, {model: sites that returned none}).
+
+    An empty entry (``{}`` or None) is a site that failed or declined to score that model
+    (FLARE records it so); a model missing anywhere cannot fill a row of the matrix.
+    """
+    models: list[str] = []
+    for by_model in cells.values():
+        models += [m for m in by_model if m not in models]
+    missing = {m: [s for s in sites if not (cells.get(s) or {}).get(m)] for m in models}
+    return tuple(m for m in models if not missing[m]), {m: v for m, v in missing.items() if v}
+
+
+def matrix_from_cells(
+    cells: Mapping[str, Mapping[str, Mapping | SiteCell]],
+    *,
+    sites: tuple[str, ...] | list[str],
+    models: tuple[str, ...] | list[str],
+) -> CrossSiteMatrix:
+    """The matrix from cells the sites computed themselves.
+
+    Args:
+        cells: {sender: {model: SiteCell or its to_metrics() dict}}, the sender being the
+            identity the transport authenticated (FLARE's client name).
+        sites: the hospitals, in column order; exactly these must have sent cells.
+        models: the rows, in order; every site must have sent a cell for each.
+
+    Raises:
+        InputError: a sender that is not one of ``sites`` (or a site that sent nothing), a
+            cell naming another site's data, a missing cell, or one site's cells counting
+            different test sets.
+    """
+    senders = set(cells)
+    if senders != set(sites):
+        raise InputError(
+            "cross-site senders",
+            sorted(senders),
+            f"exactly the hospitals {sorted(sites)} must send cells (keyed by their authenticated names)",
+            "wait for the missing sites; drop results from any other sender",
+        )
+    columns = []
+    for site in sites:
+        column, n_test = [], None
+        for model in models:
+            where = f"{site}'s cell for model {model}"
+            entry = cells[site].get(model)
+            if not entry:
+                raise InputError(where, entry, "every site must score every model", "wait for the site's result")
+            cell = entry if isinstance(entry, SiteCell) else SiteCell.from_metrics(entry, where)
+            if cell.data_site != site:
+                raise InputError(
+                    where,
+                    f"computed on {cell.data_site}'s test data",
+                    "a site may only send cells computed on its own test data",
+                    f"let {cell.data_site} score the model on its own data and send the cell itself",
+                )
+            if n_test is not None and cell.n_test != n_test:
+                raise InputError(
+                    where,
+                    f"{cell.n_test} test images",
+                    f"every model must be scored on the site's one test set ({n_test} images for {models[0]})",
+                    "score all models on the site's one local test split",
+                )
+            n_test = cell.n_test
+            column.append(cell)
+        columns.append((column, n_test))
+    return CrossSiteMatrix(
+        models=tuple(models),
+        sites=tuple(sites),
+        cells=tuple(tuple(columns[j][0][i].auc for j in range(len(sites))) for i in range(len(models))),
+        n_test=tuple(n for _, n in columns),
+    )
 
 
 def cross_site_markdown(matrix: CrossSiteMatrix) -> str:

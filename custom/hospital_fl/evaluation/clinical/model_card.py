@@ -2,7 +2,9 @@
 
 Built from plain data: report.json (evaluation.report.build_report) plus what the report does
 not hold (the job name, each hospital's manifest hash and consent registry where its data
-was ingested, per-site AUC intervals, plots). The HTML page embeds every plot as a base64
+was ingested, per-site AUC intervals, plots) and any further evaluation sections (the
+cross-site matrix, personalization, operating points, calibration, Grad-CAM), each a heading
+with lines and an optional table. The HTML page embeds every plot as a base64
 data URI and references nothing outside itself, so it can be mailed to an ethics board or
 archived with the model.
 """
@@ -20,6 +22,7 @@ from hospital_fl.errors import InputError
 __all__ = [
     "DEFAULT_INTENDED_USE",
     "DEFAULT_LIMITATIONS",
+    "CardSection",
     "HospitalData",
     "ModelCard",
     "Plot",
@@ -79,6 +82,26 @@ class Plot:
 
 
 @dataclass(frozen=True)
+class CardSection:
+    """A further section of the card: a heading, bullet lines, then an optional table."""
+
+    heading: str
+    lines: tuple[str, ...] = ()
+    header: tuple[str, ...] = ()
+    rows: tuple[tuple[str, ...], ...] = ()
+
+    def __post_init__(self):
+        bad = [r for r in self.rows if len(r) != len(self.header)]
+        if bad:
+            raise InputError(
+                f"section {self.heading!r} rows",
+                f"{len(bad)} row(s) of {len(bad[0])} cells under {len(self.header)} columns",
+                "every row needs one cell per column",
+                "build the rows with the header's columns",
+            )
+
+
+@dataclass(frozen=True)
 class ModelCard:
     title: str
     intended_use: str
@@ -99,6 +122,7 @@ class ModelCard:
     site_results: tuple[SiteResult, ...]
     failure_modes: tuple[str, ...]
     plots: tuple[Plot, ...] = ()
+    sections: tuple[CardSection, ...] = ()  # shown after the results
 
 
 def _require(report: Mapping, key: str, where: str = "report") -> object:
@@ -128,6 +152,7 @@ def model_card_from_report(
     plots: Mapping[str, str | Path] | None = None,
     dataset_sha256: str | None = None,
     title: str | None = None,
+    sections: Sequence[CardSection] = (),
 ) -> ModelCard:
     """Assemble a ModelCard from report.json's content and what the report does not hold.
 
@@ -143,6 +168,7 @@ def model_card_from_report(
         plots: {caption: PNG path}, embedded in the HTML page.
         dataset_sha256: hash of the dataset file (e.g. data.pneumoniamnist.EMBEDDED_SHA256).
         title: default "Federated <task> classifier".
+        sections: further sections (e.g. evaluation.clinical_render.card_sections), shown after the results.
 
     Raises:
         InputError: a report key the card needs is missing, a provenance or CI entry
@@ -211,6 +237,7 @@ def model_card_from_report(
         site_results=results,
         failure_modes=tuple(report.get("flags") or ()) + tuple(known_failure_modes),
         plots=tuple(plot_entries),
+        sections=tuple(sections),
     )
 
 
@@ -282,8 +309,18 @@ def _sections(card: ModelCard) -> list[tuple[str, list[str] | list[list[str]], l
             ],
             ["hospital", "local test images", "federated AUC (95% CI)", "local-only AUC", "centralized AUC"],
         ),
+        *_further_sections(card),
         ("Known failure modes", list(card.failure_modes) or ["none recorded"], None),
     ]
+
+
+def _further_sections(card: ModelCard) -> list[tuple[str, list[str] | list[list[str]], list[str] | None]]:
+    out = []
+    for section in card.sections:
+        out.append((section.heading, list(section.lines), None))
+        if section.header:
+            out.append(("", [list(r) for r in section.rows], list(section.header)))
+    return out
 
 
 def render_model_card_markdown(card: ModelCard) -> str:

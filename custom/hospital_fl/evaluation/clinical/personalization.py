@@ -9,6 +9,9 @@
   intensity statistics particular to a hospital's scanners stay local. The compact
   CXRClassifier's InstanceNorm layers have no parameters (affine=False), so for it this
   variant changes nothing; densenet121's GroupNorm layers do carry parameters.
+- select_on_validation: the site keeps its fine-tuned copy only when it scores a higher AUC
+  than the global model on the site's validation portion, and the global model otherwise (a
+  site's choice on its own held-out data; its test portion is never looked at).
 - ``personalization_summary``: from per-site AUCs of the global, personalized, local-only
   and centralized models, where personalization helps and by how much.
 """
@@ -25,7 +28,8 @@ import torch
 
 from hospital_fl.errors import InputError
 from hospital_fl.training.config import TrainConfig
-from hospital_fl.training.loops import TrainResult, train_local
+from hospital_fl.training.loops import TrainResult, predict_proba, train_local
+from hospital_fl.training.metrics import rank_auc
 
 __all__ = [
     "PersonalizationConfig",
@@ -51,11 +55,14 @@ class PersonalizationConfig:
             only local normalization).
         keep_local_normalization: take normalization layers from the site's local model.
         train: the training settings of the fine-tuning (its ``epochs`` is replaced).
+        select_on_validation: keep the fine-tuned copy only when its validation AUC beats
+            the global model's (needs the site's validation data).
     """
 
     epochs: int = 1
     keep_local_normalization: bool = False
     train: TrainConfig = field(default_factory=TrainConfig)
+    select_on_validation: bool = False
 
     def __post_init__(self):
         if not isinstance(self.epochs, int) or self.epochs < 0:
@@ -67,6 +74,8 @@ class PersonalizedModel:
     model: torch.nn.Module
     local_keys: tuple[str, ...]  # state-dict entries taken from the site's local model
     train: TrainResult | None  # None when epochs == 0
+    kept_global: bool = False  # select_on_validation chose the global model
+    validation_aucs: tuple[float, float] | None = None  # (global, fine-tuned) with select_on_validation
 
 
 def normalization_keys(model: torch.nn.Module) -> tuple[str, ...]:
@@ -115,6 +124,7 @@ def personalize(
     labels: np.ndarray,
     cfg: PersonalizationConfig = PersonalizationConfig(),
     local_model: torch.nn.Module | None = None,
+    validation: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> PersonalizedModel:
     """A site's personalized copy of the global model (the global model is not modified).
 
@@ -123,7 +133,15 @@ def personalize(
         images / labels: the site's training data (uint8 (N, H, W), (N,)).
         cfg: epochs, local normalization, training settings.
         local_model: the site's local-only model (needed with keep_local_normalization).
+        validation: the site's validation (images, labels) (needed with select_on_validation).
     """
+    if cfg.select_on_validation and validation is None:
+        raise InputError(
+            "validation",
+            None,
+            "select_on_validation compares the models on the site's validation data",
+            "pass (val images, val labels), or set select_on_validation=False",
+        )
     if cfg.keep_local_normalization:
         if local_model is None:
             raise InputError(
@@ -138,7 +156,13 @@ def personalize(
     result = None
     if cfg.epochs > 0:
         result = train_local(model, images, labels, dataclasses.replace(cfg.train, epochs=cfg.epochs))
-    return PersonalizedModel(model=model, local_keys=local_keys, train=result)
+    if not cfg.select_on_validation:
+        return PersonalizedModel(model=model, local_keys=local_keys, train=result)
+    val_images, val_labels = validation
+    aucs = tuple(rank_auc(predict_proba(m, val_images, cfg.train.device), val_labels) for m in (global_model, model))
+    if aucs[1] > aucs[0]:
+        return PersonalizedModel(model, local_keys, result, kept_global=False, validation_aucs=aucs)
+    return PersonalizedModel(copy.deepcopy(global_model), (), result, kept_global=True, validation_aucs=aucs)
 
 
 @dataclass(frozen=True)
