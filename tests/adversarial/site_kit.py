@@ -5,10 +5,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from flare_messages import site_with_engine
 from hospital_fl.privacy.ledger import PrivacyLedger
 from hospital_fl.privacy.policy import SitePrivacyPolicy
 from hospital_fl.privacy.setup import init_site_privacy
-from nvflare.apis.fl_constant import ReservedKey, ReturnCode
+from nvflare.apis.fl_constant import ReturnCode
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import ReservedHeaderKey, Shareable
 from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
@@ -18,27 +19,8 @@ SITE = "site-3"  # a small embedded hospital: DP-SGD rounds take a second
 FAST = {"augment": False, "device": "cpu", "torch_threads": 1, "epochs": 1}
 
 
-class Engine:
-    """What an executor asks FLARE's client engine for: the site's workspace (and log events)."""
-
-    def __init__(self, root: Path):
-        from nvflare.apis.workspace import Workspace
-
-        self.workspace = Workspace(str(root), SITE)
-
-    def get_workspace(self):
-        return self.workspace
-
-    def fire_event(self, event_type, fl_ctx) -> None:  # the executor's log events go nowhere here
-        pass
-
-
 def site_ctx(kit: Path, job_id: str = "job-1") -> FLContext:
-    ctx = FLContext()
-    ctx.set_prop(ReservedKey.IDENTITY_NAME, SITE, private=False, sticky=False)
-    ctx.set_prop(ReservedKey.RUN_NUM, job_id, private=False, sticky=False)
-    ctx.set_prop(ReservedKey.ENGINE, Engine(kit), private=True, sticky=False)
-    return ctx
+    return site_with_engine(kit, SITE, job_id)
 
 
 def make_kit(tmp_path: Path, **policy) -> Path:

@@ -16,6 +16,7 @@ import dataclasses
 
 import numpy as np
 import pytest
+from flare_messages import site_with_engine
 from hospital_fl.data.federated import SiteData, load_federated
 from hospital_fl.data.splits import SplitConfig
 from hospital_fl.flare.executor import CXRTrainExecutor
@@ -25,10 +26,9 @@ from hospital_fl.privacy.setup import init_site_privacy
 from hospital_fl.training.config import TrainConfig
 from hospital_fl.training.loops import get_weights
 from hospital_fl.training.private_site import SitePrivacy
-from nvflare.apis.fl_constant import FLMetaKey, ReservedKey, ReturnCode
+from nvflare.apis.fl_constant import FLMetaKey, ReturnCode
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.signal import Signal
-from nvflare.apis.workspace import Workspace
 from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 from nvflare.app_common.utils.fl_model_utils import FLModelUtils
 
@@ -68,20 +68,8 @@ def test_the_old_reply_fields_gave_the_count_away_and_the_new_ones_do_not():
         assert set(replies[0]) == {"mechanism", "delta", "accountant", "epsilon_bound"}
 
 
-class _Engine:
-    def __init__(self, workspace: Workspace):
-        self.workspace = workspace
-
-    def get_workspace(self) -> Workspace:
-        return self.workspace
-
-
 def _ctx(root, site: str) -> FLContext:
-    ctx = FLContext()
-    ctx.set_prop(ReservedKey.IDENTITY_NAME, site, private=False, sticky=False)
-    ctx.set_prop(ReservedKey.RUN_NUM, "job-1", private=False, sticky=False)
-    ctx.set_prop(ReservedKey.ENGINE, _Engine(Workspace(str(root), site)), private=False, sticky=False)
-    return ctx
+    return site_with_engine(root, site, "job-1")
 
 
 def _site_replies(tmp_path, site: SiteData, n: int) -> tuple[FLModel, FLModel]:

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from flare_messages import ClientEngine
 from hospital_fl.aggregation.weights import DECLARED_IMAGES_FILE, bounded_weights
 from hospital_fl.flare.aggregator import HISTORY_FILE, UpdateAggregator
 from hospital_fl.flare.controllers import RoundPolicyScaffold
@@ -25,7 +26,6 @@ from hospital_fl.flare.kits.provision import provision
 from nvflare.apis.event_type import EventType
 from nvflare.apis.fl_constant import ReservedKey
 from nvflare.apis.fl_context import FLContext
-from nvflare.apis.workspace import Workspace
 from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 from nvflare.app_common.app_constant import AlgorithmConstants
 
@@ -35,17 +35,9 @@ COUNTS = [300, 250, 200, 350, 280]  # what each hospital really trains on
 ATTACKER = 0
 
 
-class _Engine:
-    def __init__(self, workspace):
-        self.workspace = workspace
-
-    def get_workspace(self):
-        return self.workspace
-
-
 def _fl_ctx(root: Path) -> FLContext:
     ctx = FLContext()
-    ctx.set_prop(ReservedKey.ENGINE, _Engine(Workspace(str(root))), private=True, sticky=False)
+    ctx.set_prop(ReservedKey.ENGINE, ClientEngine(root), private=True, sticky=False)
     return ctx
 
 

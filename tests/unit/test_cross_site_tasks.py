@@ -12,7 +12,7 @@ import json
 
 import numpy as np
 import pytest
-from flare_messages import site_context
+from flare_messages import site_with_engine
 from hospital_fl.data.splits import SplitConfig
 from hospital_fl.evaluation.clinical.cross_site import SiteCell
 from hospital_fl.flare.cross_site import local_model_paths
@@ -25,24 +25,12 @@ from hospital_fl.training.loops import get_weights, predict_proba
 from hospital_fl.training.metrics import rank_auc
 from hospital_fl.training.site_algorithm import SiteScores, SiteUpdate
 from hospital_fl.training.site_round import CXRSiteAlgorithm
-from nvflare.apis.fl_constant import ReservedKey, ReturnCode
+from nvflare.apis.fl_constant import ReturnCode
 from nvflare.apis.shareable import ReservedHeaderKey, Shareable
 from nvflare.apis.signal import Signal
-from nvflare.apis.workspace import Workspace
 from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 from nvflare.app_common.app_constant import AppConstants
 from nvflare.app_common.utils.fl_model_utils import FLModelUtils
-
-
-class _Engine:
-    def __init__(self, workspace: Workspace):
-        self.workspace = workspace
-
-    def get_workspace(self) -> Workspace:
-        return self.workspace
-
-    def fire_event(self, event_type, fl_ctx) -> None:
-        pass
 
 
 def _context(root, site="site-1", job="job-1", result_filters=()):
@@ -56,9 +44,7 @@ def _context(root, site="site-1", job="job-1", result_filters=()):
         "task_result_filters": [{"tasks": ["train"], "filters": [{"path": p} for p in result_filters]}],
     }
     (config_dir / "config_fed_client.json").write_text(json.dumps(config))
-    ctx = site_context(site, job)
-    ctx.set_prop(ReservedKey.ENGINE, _Engine(Workspace(str(root), site)), private=True, sticky=False)
-    return ctx
+    return site_with_engine(root, site, job)
 
 
 class OneStepSite:

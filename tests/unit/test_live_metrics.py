@@ -9,41 +9,23 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from flare_messages import site_context
+from flare_messages import ClientEngine, site_with_engine
 from hospital_fl.flare.aggregator import HISTORY_FILE, UpdateAggregator
 from hospital_fl.flare.site_executor import TRAIN_SECONDS_TAG, SiteExecutor
 from hospital_fl.training.site_algorithm import RoundTask, SiteJob, SiteLog, SiteScores, SiteUpdate
 from nvflare.apis.analytix import ANALYTIC_EVENT_TYPE, AnalyticsData
 from nvflare.apis.dxo import from_shareable
 from nvflare.apis.event_type import EventType
-from nvflare.apis.fl_constant import FLContextKey, ReservedKey
 from nvflare.apis.signal import Signal
-from nvflare.apis.workspace import Workspace
 from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 from nvflare.app_common.utils.fl_model_utils import FLModelUtils
-
-
-class _RecordingEngine:
-    """FLARE's engine as far as an executor and an aggregator use it: the workspace, and the
-    events fired (each with the data FLARE would hand the receivers)."""
-
-    def __init__(self, workspace: Workspace):
-        self.workspace, self.events = workspace, []
-
-    def get_workspace(self) -> Workspace:
-        return self.workspace
-
-    def fire_event(self, event_type, fl_ctx) -> None:
-        self.events.append((event_type, fl_ctx.get_prop(FLContextKey.EVENT_DATA)))
 
 
 def _context(tmp_path: Path, name: str, job: str = "job-1"):
     for folder in ("startup", "local", job):
         (tmp_path / folder).mkdir(parents=True, exist_ok=True)
-    engine = _RecordingEngine(Workspace(str(tmp_path), name))
-    ctx = site_context(name, job)
-    ctx.set_prop(ReservedKey.ENGINE, engine, private=True, sticky=False)
-    return ctx, engine
+    ctx = site_with_engine(tmp_path, name, job)
+    return ctx, ctx.get_engine()
 
 
 class _PrivateSite:
@@ -73,7 +55,7 @@ class _PrivateSite:
         return SiteScores({})
 
 
-def _streamed(engine: _RecordingEngine) -> dict[str, tuple[int, float]]:
+def _streamed(engine: ClientEngine) -> dict[str, tuple[int, float]]:
     out = {}
     for event_type, data in engine.events:
         if event_type == ANALYTIC_EVENT_TYPE:

@@ -13,16 +13,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from flare_messages import site_context
+from flare_messages import site_context, site_with_engine
 from hospital_fl.errors import InputError
 from hospital_fl.flare.site_executor import FINAL_MODEL_FILE, SiteExecutor
 from hospital_fl.privacy.policy import SitePrivacyPolicy
 from hospital_fl.privacy.setup import init_site_privacy
 from hospital_fl.training.site_algorithm import RoundTask, SiteAlgorithm, SiteJob, SiteLog, SiteScores, SiteUpdate
-from nvflare.apis.fl_constant import FLMetaKey, ReservedKey, ReturnCode
+from nvflare.apis.fl_constant import FLMetaKey, ReturnCode
 from nvflare.apis.shareable import ReservedHeaderKey, Shareable
 from nvflare.apis.signal import Signal
-from nvflare.apis.workspace import Workspace
 from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 from nvflare.app_common.app_constant import AlgorithmConstants
 from nvflare.app_common.utils.fl_model_utils import FLModelUtils
@@ -76,28 +75,13 @@ class LeastSquaresSite:
         return SiteScores({"test_mse": mse}, {"test_mse": mse}, {"n_test": len(y)})
 
 
-class _Engine:
-    """What an executor asks FLARE's client engine for: the site's workspace."""
-
-    def __init__(self, workspace: Workspace):
-        self.workspace = workspace
-
-    def get_workspace(self) -> Workspace:
-        return self.workspace
-
-    def fire_event(self, event_type, fl_ctx) -> None:
-        pass
-
-
 def _site_with_workspace(tmp_path: Path, site: str, job: str = "job-1", **policy):
     """The context of ``site`` in a FLARE workspace whose kit holds ``policy``."""
     for folder in ("startup", "local", job):  # a FLARE site workspace
         (tmp_path / folder).mkdir(parents=True, exist_ok=True)
     if policy:
         init_site_privacy(tmp_path, site, SitePrivacyPolicy(**policy))
-    ctx = site_context(site, job)
-    ctx.set_prop(ReservedKey.ENGINE, _Engine(Workspace(str(tmp_path), site)), private=True, sticky=False)
-    return ctx
+    return site_with_engine(tmp_path, site, job)
 
 
 def _task(weights: dict, rnd: int = 1, total: int = 3, meta: dict | None = None) -> Shareable:
