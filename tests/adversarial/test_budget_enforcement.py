@@ -180,3 +180,18 @@ def test_the_env_override_may_tighten_but_not_move_the_ledger(tmp_path, monkeypa
     assert "max_job_epsilon=1.0" in reason  # the stricter override applies
     # the override folder got no ledger: with a kit policy the ledger stays in the kit's workspace
     assert not (tmp_path / "override" / SITE / "privacy").exists()
+
+
+# -- an operator who skipped `privacy init` ---------------------------------------------------------
+def test_a_kit_never_set_up_for_privacy_refuses_a_dp_job_naming_the_init_command(tmp_path):
+    kit = tmp_path / "kit"
+    for folder in ("startup", "local"):  # a provisioned kit, no `hospital-fl privacy init` run
+        (kit / folder).mkdir(parents=True)
+    executor = CXRTrainExecutor(train=FAST, privacy={"mechanism": "sample", "target_epsilon": 4.0}, num_rounds=2)
+
+    reply = executor.execute("train", _train_task(get_weights(build_cxr_model()), 0, 2), _ctx(kit), Signal())
+
+    reason = _refusal(reply)
+    assert str(kit / "privacy" / "ledger.json") in reason and "has no privacy ledger" in reason
+    assert f"hospital-fl privacy init {kit} --site {SITE}" in reason
+    assert not (kit / "privacy").exists()  # nothing was trained, released or created

@@ -140,8 +140,16 @@ def _job_key(fl_ctx: FLContext) -> str:
     return f"{fl_ctx.get_job_id()}@{time.strftime('%Y-%m-%dT%H:%M:%S')}-{secrets.token_hex(3)}"
 
 
-def _checked_ledger(policy: SitePrivacyPolicy, home: Path) -> PrivacyLedger:
+def _checked_ledger(policy: SitePrivacyPolicy, home: Path, site: str) -> PrivacyLedger:
     ledger = PrivacyLedger(policy.ledger_path(home))
+    if not ledger.path.exists() and not ledger.trail.exists():  # never set up (a missing ledger with a trail is a reset)
+        raise InputError(
+            "privacy ledger",
+            str(ledger.path),
+            f"site {site} has no privacy ledger, so a DP release could not be counted against its budget",
+            f"the site's privacy officer runs `hospital-fl privacy init {home} --site {site}` once "
+            "(it writes the default policy and an empty ledger; edit the policy's budgets after)",
+        )
     ledger.check_against_audit()  # a deleted, edited or reset ledger is named before the job starts
     return ledger
 
@@ -162,7 +170,7 @@ def open_gate(fl_ctx: FLContext, dp: DPConfig, privacy: SitePrivacy | None) -> S
     if privacy is None:  # no DP in this job: allowed only where the policy does not require it
         check_job_budget(policy, [], dp.mechanism, [])
         return SitePrivacyGate(job_id, policy, None, None)
-    ledger = _checked_ledger(policy, home)
+    ledger = _checked_ledger(policy, home, fl_ctx.get_identity_name())
     entries = [e for e in ledger.entries() if e.job_id != job_id]
     others = [e.release for e in entries if e.kind == "gaussian"]
     other_pure = [(e.pure_epsilon, e.steps) for e in entries if e.kind == "laplace"]
@@ -187,7 +195,7 @@ def open_release_gate(
     policy, home, _ = site_policy(fl_ctx)
     if max_job_epsilon is not None and (policy.max_job_epsilon is None or max_job_epsilon < policy.max_job_epsilon):
         policy = replace(policy, max_job_epsilon=max_job_epsilon)
-    return SitePrivacyGate(_job_key(fl_ctx), policy, _checked_ledger(policy, home), None, dict(allowance))
+    return SitePrivacyGate(_job_key(fl_ctx), policy, _checked_ledger(policy, home, fl_ctx.get_identity_name()), None, dict(allowance))
 
 
 def refuse_without_dp(fl_ctx: FLContext, job: str, fix: str) -> SitePrivacyPolicy:
