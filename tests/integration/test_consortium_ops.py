@@ -135,7 +135,7 @@ def test_a_hospital_dies_mid_job_the_job_finishes_and_its_restart_gets_no_part_o
 
     def kill_in_round_2(done: int) -> None:  # RoundWatcher: `done` rounds finished, round index `done` runs
         if done >= 1 and not killed.is_set():
-            seen["killed_at"] = time.time()
+            seen["killed_at"], seen["running_round"] = time.time(), done
             seen["killed_pids"] = live.kill(DROPPED)
             killed.set()
 
@@ -167,7 +167,9 @@ def test_a_hospital_dies_mid_job_the_job_finishes_and_its_restart_gets_no_part_o
     joined = {site: [e["round"] for e in run.history if site in {s["site"] for s in e["sites"]}] for site in SITES}
     assert [e["round"] for e in run.history] == [0, 1, 2, 3, 4]
     assert joined["site-1"] == joined["site-2"] == [0, 1, 2, 3, 4]
-    assert joined[DROPPED] == [0]
+    # It took part until it died: round 0, and the running round too where its update had left
+    # before the kill (the round watcher polls, so on a loaded machine it sometimes had); never after.
+    assert joined[DROPPED] == list(range(len(joined[DROPPED]))) and 0 < len(joined[DROPPED]) <= seen["running_round"] + 1
     assert all(s["accepted"] for e in run.history for s in e["sites"])
 
     # FLARE declared the hospital dead during the job, and min_clients=2 kept the job alive.
@@ -181,7 +183,8 @@ def test_a_hospital_dies_mid_job_the_job_finishes_and_its_restart_gets_no_part_o
     # update left), none after it died; the live hospitals recorded every round.
     assert len(_spends(system.kit("site-1"))) == len(_spends(system.kit("site-2"))) == 5
     dropped_spends = _spends(system.kit(DROPPED))
-    assert len(dropped_spends) in (1, 2)  # round 0, and round 1 if it died after recording it
+    # each round it sent, and the running round if it died after recording its spend
+    assert len(joined[DROPPED]) <= len(dropped_spends) <= seen["running_round"] + 1
     ledger = PrivacyLedger(system.kit(DROPPED) / "privacy" / "ledger.json")
     recorded = {e.mechanism: e.steps for e in ledger.entries()}
     released: dict[str, int] = {}
