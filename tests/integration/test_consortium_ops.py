@@ -27,6 +27,7 @@ from hospital_fl.data.pneumoniamnist import load_pneumoniamnist
 from hospital_fl.data.splits import SplitConfig
 from hospital_fl.flare.aggregator import HISTORY_FILE
 from hospital_fl.flare.recipes.cxr import export_job
+from hospital_fl.flare.recipes.resume import RESUMED_FROM_KEY, continuation_job
 from hospital_fl.flare.runners.poc import (
     Liveness,
     LiveSystem,
@@ -169,7 +170,9 @@ def test_a_hospital_dies_mid_job_the_job_finishes_and_its_restart_gets_no_part_o
     assert joined["site-1"] == joined["site-2"] == [0, 1, 2, 3, 4]
     # It took part until it died: round 0, and the running round too where its update had left
     # before the kill (the round watcher polls, so on a loaded machine it sometimes had); never after.
-    assert joined[DROPPED] == list(range(len(joined[DROPPED]))) and 0 < len(joined[DROPPED]) <= seen["running_round"] + 1
+    assert (
+        joined[DROPPED] == list(range(len(joined[DROPPED]))) and 0 < len(joined[DROPPED]) <= seen["running_round"] + 1
+    )
     assert all(s["accepted"] for e in run.history for s in e["sites"])
 
     # FLARE declared the hospital dead during the job, and min_clients=2 kept the job alive.
@@ -213,12 +216,13 @@ def test_a_hospital_dies_mid_job_the_job_finishes_and_its_restart_gets_no_part_o
     )
 
 
-def test_the_hospital_joins_the_next_job_and_a_server_restart_fails_it_clearly(consortium, small_cxr):
+def test_the_hospital_joins_the_next_job_and_after_a_server_restart_its_continuation_finishes(consortium, small_cxr):
     root, system, live = consortium.root, consortium.system, consortium.live
     if DROPPED not in connected_clients(live.session):  # the previous test restarts it; alone, do it here
         live.start_from_kit(DROPPED)
     live.wait_connected(SITES, 60)
-    job_id = submit_folder(live.session, export_job(_spec(small_cxr, "cxr_next", 3, wait_after_min=0), root / "jobs"))
+    job_dir = export_job(_spec(small_cxr, "cxr_next", 3, wait_after_min=0), root / "jobs")
+    job_id = submit_folder(live.session, job_dir)
     run_dir = system.kit(system.server) / job_id
     seen: dict = {}
 
@@ -237,6 +241,13 @@ def test_the_hospital_joins_the_next_job_and_a_server_restart_fails_it_clearly(c
         wait_for_job(live, job_id, timeout_s=180)
     seen["detected_s"] = time.monotonic() - seen["killed_at"]
     operator.join(60)
+
+    # The operator submits the continuation to the restarted server: it starts at the first
+    # round not saved, from the saved global model, and finishes the job's rounds.
+    started_before_kill = len(re.findall(r"Round \d+ started", (run_dir / "log.txt").read_text(errors="replace")))
+    point = err.value.job.resume_point()
+    live.reconnect(90)
+    resumed = run_job(live, continuation_job(job_dir, root / "jobs_resumed", point), root / "resumed", timeout_s=180)
     stopping = time.monotonic()
     consortium.stop()
     seen["stop_s"] = time.monotonic() - stopping
@@ -251,8 +262,25 @@ def test_the_hospital_joins_the_next_job_and_a_server_restart_fails_it_clearly(c
     assert job.rounds_completed is not None and 1 <= job.rounds_completed < 3
     assert f"Rounds completed: {job.rounds_completed} of 3" in message
     assert job.global_model == run_dir / "app_server" / GLOBAL_MODEL_FILE
-    fix = f"Fix: resubmit the job; the persistor's last global model (after round {job.rounds_completed - 1}) is "
-    assert fix + str(job.global_model) in message
+    assert (
+        f"Fix: submit its continuation, which starts at round {job.rounds_completed} (`hospital-fl resume-job`)"
+        in message
+    )
+    assert (
+        f"the persistor's last global model (after round {job.rounds_completed - 1}) is {job.global_model}" in message
+    )
+    # The continuation: the earlier rounds from the interrupted job, then the rest, the first
+    # of which names the restart; at most the round running at the kill was trained again.
+    assert [e["round"] for e in resumed.history] == [0, 1, 2]
+    done = point.rounds_completed
+    assert all(e["job_id"] == job_id for e in resumed.history[:done])
+    assert resumed.history[done][RESUMED_FROM_KEY] == {"job_id": job_id, "rounds_completed": done}
+    assert all(sorted(s["site"] for s in e["sites"]) == list(SITES) for e in resumed.history[done:])
+    assert started_before_kill - done <= 1
+    print(
+        f"\nRESUME_FIGURES rounds completed {done} of 3, rounds started before the kill {started_before_kill}, "
+        f"continuation wall {resumed.wall_seconds:.1f}s"
+    )
     print(
         f"\nRESTART_MESSAGE {message}\nRESTART_FIGURES detected {seen['detected_s']:.1f}s after the kill, stopped in {seen['stop_s']:.1f}s"
     )

@@ -43,6 +43,7 @@ from hospital_fl.aggregation.strategy import AggregationConfig, Screening, combi
 from hospital_fl.aggregation.validation import metrics_problem
 from hospital_fl.aggregation.weights import DECLARED_IMAGES_FILE, check_declared_counts
 from hospital_fl.compression.codecs import payload_bytes
+from hospital_fl.flare.recipes.resume import RESUMED_FROM_KEY
 from hospital_fl.privacy.central import CentralClientDP
 from hospital_fl.privacy.config import DPConfig
 
@@ -107,11 +108,21 @@ class UpdateAggregator(ModelAggregator):
         central_dp: DPConfig fields with mechanism "client-central" to add central
             client-level DP instead of the rule; None for none.
         num_rounds: the job's rounds (the central DP noise covers all of them).
+        resumed_from: set in a continuation job (hospital_fl.flare.recipes.resume): the
+            interrupted job, its rounds completed and its round history on the server; the
+            earlier rounds head this job's history and its first round names the restart.
     """
 
-    def __init__(self, aggregation: dict | None = None, central_dp: dict | None = None, num_rounds: int | None = None):
+    def __init__(
+        self,
+        aggregation: dict | None = None,
+        central_dp: dict | None = None,
+        num_rounds: int | None = None,
+        resumed_from: dict | None = None,
+    ):
         super().__init__()
         self.aggregation, self.central_dp, self.num_rounds = aggregation, central_dp, num_rounds
+        self.resumed_from = resumed_from
         self.rule = AggregationConfig(**(aggregation or {}))
         self._central = CentralClientDP(DPConfig(**central_dp), num_rounds or 1) if central_dp else None
         self.logger = get_obj_logger(self)  # ModelAggregator skips FLComponent's init
@@ -170,6 +181,8 @@ class UpdateAggregator(ModelAggregator):
     def aggregate_model(self) -> FLModel:
         rnd, updates = self._round, self._updates
         entry = {"round": rnd, "sites": self._round_sites}
+        if self.resumed_from and not any(RESUMED_FROM_KEY in e for e in self.history):
+            entry[RESUMED_FROM_KEY] = {k: self.resumed_from.get(k) for k in ("job_id", "rounds_completed")}
         self.history.append(entry)
         params_type = self._params_type
         rule = self._screen_settings(params_type)
@@ -215,6 +228,18 @@ class UpdateAggregator(ModelAggregator):
         self.reset_stats()
         return FLModel(params_type=params_type, params=combined, metrics=metrics)
 
+    def _earlier_rounds(self) -> list[dict]:
+        """The interrupted job's rounds before the resume point, from its history on the server;
+        none (logged) when that file cannot be read: the resumed rounds still name the restart."""
+        path, done = self.resumed_from.get("history"), int(self.resumed_from.get("rounds_completed") or 0)
+        try:
+            with open(path) as f:
+                earlier = [e for e in json.load(f) if int(e["round"]) < done]
+        except (OSError, TypeError, ValueError, KeyError) as err:
+            self.logger.warning(f"the interrupted job's round history {path} was not read ({err}); it is left out")
+            return []
+        return [{**e, "job_id": self.resumed_from.get("job_id")} for e in earlier]
+
     def _save_history(self) -> None:
         """Every round so far to the run folder; a failed write is logged and retried after the next round."""
         if self._run_dir is None:  # no START_RUN (a unit harness)
@@ -254,6 +279,8 @@ class UpdateAggregator(ModelAggregator):
             self.declared = read_declared_images(fl_ctx)
             job_id = fl_ctx.get_job_id()
             self._run_dir = fl_ctx.get_engine().get_workspace().get_run_dir(job_id) if job_id else None
+            if self.resumed_from:
+                self.history = self._earlier_rounds()
         elif event_type == EventType.END_RUN:
             # Again at the end: a controller may add to the last round's entries after aggregating (SCAFFOLD).
             run_dir = fl_ctx.get_engine().get_workspace().get_run_dir(fl_ctx.get_job_id())

@@ -50,7 +50,15 @@ class _RoundPolicy:
             wait_time_after_min_received=self.wait_after_min if wanted else 0,
         )
 
+    def _announce_job_rounds(self, data) -> None:
+        # FLARE's FedAvg runs num_rounds rounds from start_round but announces num_rounds as the
+        # total; a continuation job (start_round > 0) must announce the job's rounds, which the
+        # sites' learning-rate schedule and DP plan count against.
+        if isinstance(data, FLModel) and getattr(self, "start_round", 0):
+            data.total_rounds = self.start_round + self.num_rounds
+
     def send_model(self, task_name="train", data=None, targets=None, min_responses=None, timeout=0, callback=None):
+        self._announce_job_rounds(data)
         BaseModelController.broadcast_model(
             self,
             task_name=task_name,
@@ -62,6 +70,7 @@ class _RoundPolicy:
         )
 
     def send_model_and_wait(self, task_name="train", data=None, targets=None, min_responses=None, timeout=0):
+        self._announce_job_rounds(data)
         return BaseModelController.broadcast_model(
             self, task_name=task_name, data=data, targets=targets, **self._policy(targets, min_responses, timeout)
         )

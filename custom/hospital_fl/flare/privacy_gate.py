@@ -142,7 +142,9 @@ def _job_key(fl_ctx: FLContext) -> str:
 
 def _checked_ledger(policy: SitePrivacyPolicy, home: Path, site: str) -> PrivacyLedger:
     ledger = PrivacyLedger(policy.ledger_path(home))
-    if not ledger.path.exists() and not ledger.trail.exists():  # never set up (a missing ledger with a trail is a reset)
+    if (
+        not ledger.path.exists() and not ledger.trail.exists()
+    ):  # never set up (a missing ledger with a trail is a reset)
         raise InputError(
             "privacy ledger",
             str(ledger.path),
@@ -195,7 +197,9 @@ def open_release_gate(
     policy, home, _ = site_policy(fl_ctx)
     if max_job_epsilon is not None and (policy.max_job_epsilon is None or max_job_epsilon < policy.max_job_epsilon):
         policy = replace(policy, max_job_epsilon=max_job_epsilon)
-    return SitePrivacyGate(_job_key(fl_ctx), policy, _checked_ledger(policy, home, fl_ctx.get_identity_name()), None, dict(allowance))
+    return SitePrivacyGate(
+        _job_key(fl_ctx), policy, _checked_ledger(policy, home, fl_ctx.get_identity_name()), None, dict(allowance)
+    )
 
 
 def refuse_without_dp(fl_ctx: FLContext, job: str, fix: str) -> SitePrivacyPolicy:

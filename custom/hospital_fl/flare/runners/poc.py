@@ -59,6 +59,7 @@ from hospital_fl.flare.interrupts import sigterm_as_interrupt
 from hospital_fl.flare.kits.site_policy import allow_bundle_components
 from hospital_fl.flare.progress import RoundWatcher, rounds_finished
 from hospital_fl.flare.recipes.cxr import export_job
+from hospital_fl.flare.recipes.resume import ResumePoint
 from hospital_fl.flare.runners.simulator import GLOBAL_MODEL_FILE, FederatedRun, read_job_result
 from hospital_fl.jobspec import JobSpec
 from hospital_fl.privacy.setup import init_site_privacy
@@ -73,6 +74,7 @@ __all__ = [
     "participant_processes",
     "InterruptedJob",
     "interrupted_job",
+    "interrupted_run",
     "system_from_kits",
     "with_he_builder",
     "running_system",
@@ -536,6 +538,13 @@ class LiveSystem:
     def check_alive(self) -> None:
         _check_alive(self.system, self.procs)
 
+    def reconnect(self, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
+        """A new admin session once the server answers again (after a restart) and every client
+        has registered with it; the old session is closed."""
+        with contextlib.suppress(Exception):
+            self.session.close()
+        self.session = _connect(self.system, self.procs, timeout_s)
+
     def kill(self, name: str) -> list[int]:
         """SIGKILL a participant's start-script supervisor, FLARE process and job processes at
         once, as a crashed machine leaves them (its supervisor would otherwise restart it);
@@ -639,11 +648,35 @@ class InterruptedJob:
     source: Path | None
     global_model: Path | None
 
+    def resume_point(self) -> ResumePoint:
+        """Where a continuation job (hospital_fl.flare.recipes.resume) starts.
+
+        Raises:
+            InputError: nothing on the server's disk to continue from.
+        """
+        if self.global_model is None or self.rounds_completed is None or self.total_rounds is None:
+            raise InputError(
+                "interrupted job",
+                self.job_id,
+                "its server run folder holds no saved global model and round count to continue from",
+                "resubmit the job from round 0",
+            )
+        history = self.source if self.source is not None and self.source.name == HISTORY_FILE else None
+        return ResumePoint(
+            self.job_id, self.rounds_completed, self.total_rounds, str(self.global_model), history and str(history)
+        )
+
 
 def interrupted_job(system: PocSystem, job_id: str, name: str | None = None) -> InterruptedJob:
     """Read from the server's run folder of ``job_id`` how far the job got: the aggregator's
     round history if it was written, else the rounds the controller logged as started."""
-    run_dir = system.kit(system.server) / job_id
+    return interrupted_run(system.kit(system.server) / job_id, name)
+
+
+def interrupted_run(run_dir: str | Path, name: str | None = None) -> InterruptedJob:
+    """How far the job whose server run folder is ``run_dir`` (<server workspace>/<job id>) got."""
+    run_dir = Path(run_dir).absolute()  # the continuation's server loads the model by this path
+    job_id = run_dir.name
     rounds, source = None, None
     history = run_dir / HISTORY_FILE
     if history.is_file():
@@ -683,12 +716,17 @@ class ServerRestartedError(RuntimeError):
         else:
             model = "no global model was saved (no round finished), so it starts over"
         what = f"was replaced by pid {new_pid}" if new_pid else "is gone"
+        fix = (
+            f"submit its continuation, which starts at round {done} (`hospital-fl resume-job`)"
+            if job.global_model is not None and done and job.total_rounds and done < job.total_rounds
+            else "resubmit the job"
+        )
         super().__init__(
             f"job {job.job_id}{f' ({job.name})' if job.name else ''} cannot finish: the FLARE server process that "
             f"ran it (pid {old_pid}) {what} while the job ran. FLARE 2.9 does not resume a job after a server "
             "restart: the sites abort their part and the job stays RUNNING in `list_jobs` (the admin API can "
             f"neither abort nor delete it; new jobs run beside it). Rounds completed: {progress}. "
-            f"Fix: resubmit the job; {model}."
+            f"Fix: {fix}; {model}."
         )
 
 
