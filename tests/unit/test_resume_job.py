@@ -157,3 +157,36 @@ def test_a_continuation_controller_announces_the_jobs_rounds_to_the_sites():
     fresh, model = RoundPolicyFedAvg(num_clients=2, num_rounds=6), FLModel(params={}, total_rounds=6)
     fresh._announce_job_rounds(model)
     assert model.total_rounds == 6
+
+
+def test_resume_job_reads_the_servers_run_folder_and_writes_the_continuation(tmp_path, capsys):
+    from hospital_fl.cli import main
+
+    run_dir = tmp_path / "server" / "job-7"
+    (run_dir / "app_server" / "config").mkdir(parents=True)
+    shutil.copy(JOBS / "cxr_fedavg_dp" / "app" / "config" / "config_fed_server.json", run_dir / "app_server" / "config")
+    (run_dir / "app_server" / "FL_global_model.pt").write_bytes(b"saved")
+    (run_dir / "round_history.json").write_text(json.dumps([{"round": r, "sites": []} for r in range(3)]))
+
+    code = main(["resume-job", str(JOBS / "cxr_fedavg_dp"), "--server-run-dir", str(run_dir), "--out", str(tmp_path)])
+
+    assert code == 0
+    folder = tmp_path / "cxr_fedavg_dp_resumed"
+    controller = _server_config(folder)["workflows"][0]["args"]
+    assert controller["start_round"] == 3
+    assert f"rounds 3..{controller['start_round'] + controller['num_rounds'] - 1} of job job-7" in capsys.readouterr().out
+    persistor = next(c for c in _server_config(folder)["components"] if c["id"] == "persistor")
+    assert persistor["args"]["source_ckpt_file_full_name"] == str(run_dir / "app_server" / "FL_global_model.pt")
+
+
+def test_resume_job_without_a_saved_round_says_to_resubmit(tmp_path, capsys):
+    from hospital_fl.cli import main
+
+    run_dir = tmp_path / "server" / "job-7"
+    (run_dir / "app_server").mkdir(parents=True)
+
+    code = main(["resume-job", str(JOBS / "cxr_fedavg"), "--server-run-dir", str(run_dir), "--out", str(tmp_path)])
+
+    assert code != 0
+    err = capsys.readouterr().err
+    assert "job-7" in err and "resubmit the job from round 0" in err
