@@ -13,7 +13,7 @@ from hospital_fl.data.federated import load_federated
 from hospital_fl.data.ingest.site_dataset import SITE_STATE_ENV
 from hospital_fl.data.splits import SplitConfig
 from hospital_fl.flare.cross_site import cross_site_matrix, read_cross_site_results
-from hospital_fl.flare.cross_site_run import run_cross_site_job_in_simulator
+from hospital_fl.flare.runners.cross_site import run_cross_site_job_in_simulator
 from hospital_fl.flare.runners.simulator import environment
 from hospital_fl.jobspec import JobSpec
 from hospital_fl.training.config import TrainConfig

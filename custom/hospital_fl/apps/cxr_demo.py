@@ -125,7 +125,7 @@ def _run_federated(cfg: DemoConfig, on_round: Callable[[int], None]) -> tuple[Fe
     if cross_site_skipped(cfg) is not None:
         return _run_training(cfg, on_round), None, 0.0
     from hospital_fl.flare.cross_site import cross_site_seconds
-    from hospital_fl.flare.cross_site_run import run_training_with_cross_site
+    from hospital_fl.flare.runners.cross_site import run_training_with_cross_site
 
     run, results = run_training_with_cross_site(cfg.spec, cfg.workspace, cfg.mode, on_round)
     evaluation_s = cross_site_seconds(run.result_dir) or 0.0
