@@ -63,7 +63,7 @@ from hospital_fl.aggregation.strategy import AggregationConfig
 from hospital_fl.aggregation.validation import metrics_problem
 from hospital_fl.aggregation.weights import bounded_weights
 from hospital_fl.errors import InputError
-from hospital_fl.flare.aggregator import HISTORY_FILE, read_declared_images
+from hospital_fl.flare.aggregator import HISTORY_FILE, read_declared_images, write_history
 from hospital_fl.flare.controllers import _RoundPolicy
 from hospital_fl.privacy import he
 from hospital_fl.privacy.he_kit import DEFAULT_MIN_AGGREGATE_SITES, HE_KIT_FILE, HEKitFacts, facts_from_json
@@ -409,9 +409,7 @@ class EncryptedSumAggregator(ModelAggregator):
                     "taken from the first round's majority; provision with hospital-fl provision to pin it"
                 )
         elif event_type == EventType.END_RUN:
-            run_dir = fl_ctx.get_engine().get_workspace().get_run_dir(fl_ctx.get_job_id())
-            with open(os.path.join(run_dir, HISTORY_FILE), "w") as f:
-                json.dump(self.history, f, indent=1, default=float)
+            write_history(fl_ctx.get_engine().get_workspace().get_run_dir(fl_ctx.get_job_id()), self.history)
 
     def reset_stats(self) -> None:
         self._accepted: list[dict] = []
@@ -588,6 +586,8 @@ class EncryptedFedAvg(_RoundPolicy, ModelController):
             if getattr(self, "weight_clips", None):
                 self.aggregator.history[-1].setdefault("aggregation", {})["weight_clips"] = self.weight_clips
             save_payload(aggregated.params, os.path.join(self._run_dir(), CIPHERTEXT_MODEL_FILE))
+            # every round, as the plaintext aggregator does: status and a restarted server read it
+            write_history(self._run_dir(), self.aggregator.history)
             self.info(
                 f"round {rnd}: {aggregated.params['sites']} encrypted updates summed; metrics {aggregated.metrics}"
             )
