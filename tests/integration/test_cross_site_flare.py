@@ -71,7 +71,7 @@ def test_the_report_has_the_clinical_sections_and_the_card(demo):
         "## Personalization",
         "## Operating points",
         "## Calibration",
-        "## Grad-CAM",
+        "## Class activation maps, Grad-CAM family",
     ):
         assert heading in md
     page = (out / "model_card.html").read_text()

@@ -43,12 +43,15 @@ def _operating_rows(op: dict) -> tuple[tuple[str, ...], list[tuple[str, ...]]]:
     return header, rows
 
 
+_CAM_NAMES = {"gradcam": "Grad-CAM", "hirescam": "HiResCAM"}
+
+
 def _gradcam_lines(g: dict) -> list[str]:
     occ = g["occlusion_logit_change"]
     median = g["map_centre_over_corners_per_area_median"]
     return [
         f"{g['n_correct']} correct and {g['n_incorrect']} wrong held-out predictions; target layer {g['target_layer']}",
-        "Grad-CAM mass, centre (lungs) over corners per unit area: median "
+        f"{_CAM_NAMES.get(g.get('method', 'gradcam'), 'Grad-CAM')} mass, centre (lungs) over corners per unit area: median "
         + ("n/a" if median is None else f"{median:.2f}")
         + f"; {g['maps_favouring_centre']} of {g['n_correct'] + g['n_incorrect']} maps favour the centre",
         (
@@ -121,7 +124,12 @@ def render_clinical_markdown(report: dict) -> str:
         ]
     g = report.get("gradcam")
     if g:
-        lines += ["## Grad-CAM (gradcam.png)", "", *[f"- {line}" for line in _gradcam_lines(g)], ""]
+        lines += [
+            "## Class activation maps, Grad-CAM family (gradcam.png)",
+            "",
+            *[f"- {line}" for line in _gradcam_lines(g)],
+            "",
+        ]
     return "\n".join(lines)
 
 
@@ -171,5 +179,5 @@ def card_sections(report: dict) -> tuple[CardSection, ...]:
         )
     g = report.get("gradcam")
     if g:
-        out.append(CardSection("Where the model looks (Grad-CAM)", tuple(_gradcam_lines(g))))
+        out.append(CardSection("Where the model looks (class activation maps)", tuple(_gradcam_lines(g))))
     return tuple(out)

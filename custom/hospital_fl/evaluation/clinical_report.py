@@ -15,8 +15,9 @@ operating_points, calibration, gradcam), drawn as a plot where one helps; evalua
   sensitivity) and at the hospital's own threshold (chosen on its validation scores alone).
 - calibration: ECE of the global model on each hospital's test and on the held-out test
   (federated and centralized), with a reliability diagram.
-- gradcam: Grad-CAM maps of a sample of correctly and wrongly classified held-out images,
-  the occlusion check, and the caveat that goes with the compact network.
+- gradcam: class activation maps (Grad-CAM, or HiResCAM for the compact network's flattening
+  head) of a sample of correctly and wrongly classified held-out images, the occlusion
+  check, and the caveat that goes with the maps.
 """
 
 from __future__ import annotations
@@ -59,12 +60,12 @@ __all__ = [
 ]
 
 GRADCAM_CAVEAT = (
-    "Read these maps with care: the compact network flattens its 4 x 4 feature map into a linear layer "
-    "(position-specific weights, no global pooling), and Grad-CAM averages gradients over positions, so on it "
-    "the maps do not reliably show where the evidence lies (tests/unit/test_clinical_gradcam.py records the "
-    "lung-over-corners check as an expected failure: after 2 epochs the maps favoured the centre for 2 of 3 "
-    "seeds). The occlusion check needs no gradient and is the better guide here; densenet121 pools globally, "
-    "the layout Grad-CAM was designed for."
+    "Maps are coarse (the compact network's last map is 4 x 4 at 28 x 28) and show where evidence for the "
+    "predicted class lies, not that it is clinically right. The compact network flattens its map into a linear "
+    "layer, so its maps are HiResCAM (gradient x activation per position): Grad-CAM's position-averaged "
+    "weights misplace the evidence for such a head (tests/unit/test_clinical_gradcam.py: Grad-CAM favoured the "
+    "lungs for 2 of 3 seeds, HiResCAM for 3 of 3). densenet121 pools globally and gets Grad-CAM. The occlusion "
+    "check needs no gradient and confirms the direction."
 )
 
 
@@ -266,6 +267,7 @@ def gradcam_section(
     idx = rng.permutation(len(held))[: cfg.occlusion_images]
     centre, corners = region_occlusion_effect(global_model, held.images[idx])
     out = {
+        "method": sample.method,
         "target_layer": sample.target_layer,
         "n_correct": int(sample.correct.sum()),
         "n_incorrect": int((~sample.correct).sum()),

@@ -1,4 +1,12 @@
-"""Where the pneumonia classifier looks: MONAI Grad-CAM maps and how much of them lies on the lungs.
+"""Where the pneumonia classifier looks: class activation maps and how much of them lies on the lungs.
+
+Method: Grad-CAM (MONAI's) for a network that pools its last feature map globally
+(densenet121), HiResCAM for one whose head flattens it into a Linear layer (the compact
+network). Grad-CAM weighs each channel by its gradient averaged over positions, which is
+faithful only when the head pools: with a flattening head each position has its own weights,
+and the average misplaces the evidence. HiResCAM (Draelos & Carin, 2020) keeps the gradient
+per position, ReLU(sum_c dY/dA_c * A_c), which equals the logit's decomposition over positions
+for such a head. ``method="auto"`` picks by the network; the report names the method used.
 
 Target layer: Grad-CAM needs the last feature map that still has a spatial layout. It is
 found by running the model once on a blank image and taking the last (B, C, H, W) output
@@ -15,13 +23,10 @@ logits (-z, z) and explains the class the model predicted for each image (z for 
 pneumonia evidence. Maps are the raw ReLU(sum_c w_c A_c) upsampled to the image size,
 without MONAI's per-image min-max rescaling, so their mass can be compared between regions.
 
-Caveat, measured (tests/unit/test_clinical_gradcam.py): the compact network's head flattens its
-4 x 4 map into a Linear layer (position-specific weights, no global pooling). Grad-CAM
-averages the gradient over positions, so on this network it does not reliably show where the
-evidence lies: after 2 epochs its maps favoured the centre over the corners for two of three
-seeds only, while occluding the centre changed the logit 3-6 times more than occluding the
-corners for all three. Read the maps of the compact network with that in mind; densenet121
-pools globally, the layout Grad-CAM was designed for.
+Measured (tests/unit/test_clinical_gradcam.py), compact network after 2 epochs, 3 seeds:
+Grad-CAM's maps favoured the centre over the corners for two seeds only, HiResCAM's for all
+three, in line with occlusion (occluding the centre changes the logit 3-6 times more than
+occluding the corners for all three).
 
 Region mass: the "lung" region is the central box covering ``center_fraction`` of each side
 (both lung fields and the mediastinum of a centred frontal radiograph); the corners are the
@@ -43,7 +48,9 @@ from hospital_fl.errors import InputError
 from hospital_fl.training.loops import fit_to_model, predict_proba, to_tensor
 
 __all__ = [
+    "CAM_METHODS",
     "GradCAMSample",
+    "cam_method_for",
     "RegionMass",
     "find_target_layer",
     "gradcam_maps",
@@ -52,6 +59,14 @@ __all__ = [
     "region_occlusion_effect",
     "sample_gradcam",
 ]
+
+
+CAM_METHODS = ("auto", "gradcam", "hirescam")
+
+
+def cam_method_for(model: torch.nn.Module) -> str:
+    """HiResCAM for the compact network (flattening head), Grad-CAM otherwise (global pooling)."""
+    return "hirescam" if getattr(model, "arch", None) == "compact" else "gradcam"
 
 
 class _TwoClassLogits(torch.nn.Module):
@@ -103,15 +118,40 @@ def find_target_layer(model: torch.nn.Module) -> str:
     return [n for n in same if not any(other.startswith(n + ".") for other in same)][-1]
 
 
+def _hirescam(model: torch.nn.Module, layer: str, x: torch.Tensor, cls: torch.Tensor) -> torch.Tensor:
+    """ReLU(sum_c dY/dA_c * A_c) at ``layer`` for logit ``cls`` of each image, upsampled to x's size."""
+    captured: list[torch.Tensor] = []
+    module = dict(model.named_modules())[layer]
+    hook = module.register_forward_hook(lambda _m, _i, out: captured.append(out))
+    try:
+        logits = _TwoClassLogits(model)(x)
+    finally:
+        hook.remove()
+    activation = captured[-1]
+    (grad,) = torch.autograd.grad(logits.gather(1, cls.reshape(-1, 1)).sum(), activation)
+    cam = torch.relu((grad * activation).sum(dim=1, keepdim=True))
+    return torch.nn.functional.interpolate(cam, size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+
+
 def gradcam_maps(
-    model: torch.nn.Module, images: np.ndarray, target_layer: str | None = None, batch_size: int = 128
+    model: torch.nn.Module,
+    images: np.ndarray,
+    target_layer: str | None = None,
+    batch_size: int = 128,
+    method: str = "auto",
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Grad-CAM maps of uint8 (N, H, W) images for each image's predicted class.
+    """Class activation maps of uint8 (N, H, W) images for each image's predicted class.
+
+    Args:
+        method: "gradcam", "hirescam", or "auto" (``cam_method_for`` the model).
 
     Returns:
         (maps, probs): maps (N, S, S) >= 0 at the model's input size S (upsampled
-        bilinearly by MONAI), probs (N,) the pneumonia probabilities the maps explain.
+        bilinearly), probs (N,) the pneumonia probabilities the maps explain.
     """
+    if method not in CAM_METHODS:
+        raise InputError("method", method, f"it must be one of {CAM_METHODS}", "use auto")
+    method = cam_method_for(model) if method == "auto" else method
     if images.ndim != 3:
         raise InputError("images", images.shape, "they must be (N, H, W) grayscale", "pass CXRArrays.images")
     layer = target_layer or find_target_layer(model)
@@ -122,19 +162,24 @@ def gradcam_maps(
         )
     # MONAI registers hooks it never removes (and turns in-place activations off): work on a copy
     model = copy.deepcopy(model).cpu().eval()
-    cam = GradCAM(nn_module=_TwoClassLogits(model), target_layers=f"model.{layer}", postprocessing=lambda m: m)
+    if method == "gradcam":
+        cam = GradCAM(nn_module=_TwoClassLogits(model), target_layers=f"model.{layer}", postprocessing=lambda m: m)
     x = to_tensor(images)
     maps, probs = [], []
     for i in range(0, len(x), batch_size):
         xb = fit_to_model(x[i : i + batch_size], model).requires_grad_(True)
         with torch.no_grad():
             pb = torch.sigmoid(model(xb)[:, 0])
-        out = torch.zeros(len(xb), *xb.shape[-2:])
-        # MONAI indexes logits[:, class_idx]: one call per predicted class, never a mixed batch
-        for cls in (0, 1):
-            members = ((pb >= 0.5) == bool(cls)).nonzero().reshape(-1)
-            if len(members):
-                out[members] = cam(xb[members], class_idx=cls).detach()[:, 0].float()
+        predicted = (pb >= 0.5).long()
+        if method == "hirescam":
+            out = _hirescam(model, layer, xb, predicted).detach().float()
+        else:
+            out = torch.zeros(len(xb), *xb.shape[-2:])
+            # MONAI indexes logits[:, class_idx]: one call per predicted class, never a mixed batch
+            for cls in (0, 1):
+                members = (predicted == cls).nonzero().reshape(-1)
+                if len(members):
+                    out[members] = cam(xb[members], class_idx=cls).detach()[:, 0].float()
         maps.append(out.numpy())
         probs.append(pb.numpy())
     return np.concatenate(maps), np.concatenate(probs)
@@ -148,8 +193,9 @@ class GradCAMSample:
     images: np.ndarray  # (K, H, W) uint8
     labels: np.ndarray  # (K,)
     probs: np.ndarray  # (K,) pneumonia probability
-    maps: np.ndarray  # (K, S, S) raw Grad-CAM
+    maps: np.ndarray  # (K, S, S) raw maps
     target_layer: str
+    method: str = "gradcam"  # gradcam or hirescam
 
     @property
     def correct(self) -> np.ndarray:
@@ -180,8 +226,9 @@ def sample_gradcam(
             rng.permutation(np.flatnonzero(~correct))[:n_incorrect],
         ]
     ).astype(np.int64)
-    maps, cam_probs = gradcam_maps(model, images[picked], layer)
-    return GradCAMSample(picked, images[picked], labels[picked], cam_probs, maps, layer)
+    method = cam_method_for(model)
+    maps, cam_probs = gradcam_maps(model, images[picked], layer, method=method)
+    return GradCAMSample(picked, images[picked], labels[picked], cam_probs, maps, layer, method)
 
 
 @dataclass(frozen=True)
@@ -298,5 +345,6 @@ def plot_gradcam(sample: GradCAMSample, path: str | Path, columns: int = 8) -> P
         ax.imshow(sample.maps[k] / peak if peak > 0 else sample.maps[k], cmap="jet", alpha=0.4, vmin=0, vmax=1)
         verdict = "correct" if sample.correct[k] else "WRONG"
         ax.set_title(f"y={int(sample.labels[k])} p={sample.probs[k]:.2f}\n{verdict}", fontsize=7)
-    fig.suptitle(f"Grad-CAM ({sample.target_layer}); map explains the predicted class", fontsize=8)
+    name = {"gradcam": "Grad-CAM", "hirescam": "HiResCAM"}[sample.method]
+    fig.suptitle(f"{name} ({sample.target_layer}); map explains the predicted class", fontsize=8)
     return save_figure(fig, path)
