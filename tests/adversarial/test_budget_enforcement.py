@@ -195,3 +195,44 @@ def test_a_kit_never_set_up_for_privacy_refuses_a_dp_job_naming_the_init_command
     assert str(kit / "privacy" / "ledger.json") in reason and "has no privacy ledger" in reason
     assert f"hospital-fl privacy init {kit} --site {SITE}" in reason
     assert not (kit / "privacy").exists()  # nothing was trained, released or created
+
+
+# -- a server that restarts and resumes a DP job --------------------------------------------------
+def test_a_server_claiming_a_restart_gets_one_plan_per_job_at_the_original_noise(tmp_path):
+    """The continuation after a server restart is a new job at the site, with the original
+    client config. An honest server asks for the rounds left (plus the one trained again); a
+    lying one can ask a continuation for up to the job's whole plan, but no more, and at the
+    original plan's noise (not recalibrated to fewer rounds, which would spend more per round):
+    what it gains is what a new job would, bounded by the per-job cap and the lifetime budget."""
+    from hospital_fl.flare.controllers import RoundPolicyFedAvg
+    from nvflare.app_common.abstract.fl_model import FLModel
+    from nvflare.app_common.utils.fl_model_utils import FLModelUtils
+
+    kit = _kit(tmp_path, max_job_epsilon=4.0, lifetime_epsilon=30.0)
+    dp = {"mechanism": "sample", "target_epsilon": 4.0}
+    weights = get_weights(build_cxr_model())
+
+    # Job a: rounds 0 and 1 of 3; the server dies with round 1 trained but not saved.
+    first = CXRTrainExecutor(train=FAST, privacy=dp, num_rounds=3)
+    for rnd in (0, 1):
+        reply = first.execute("train", _train_task(weights, rnd, 3), _ctx(kit, "job-a"), Signal())
+        assert reply.get_return_code() == ReturnCode.OK
+
+    # Job b, "the continuation" (start_round 1), whose server keeps asking for rounds.
+    controller = RoundPolicyFedAvg(num_clients=1, num_rounds=2, start_round=1)
+    second = CXRTrainExecutor(train=FAST, privacy=dp, num_rounds=3)  # the same client config
+    replies = []
+    for rnd in (1, 2, 3, 4):
+        task = FLModel(params=weights, current_round=rnd, total_rounds=controller.num_rounds)  # as FLARE's FedAvg sets
+        controller._announce_job_rounds(task)
+        replies.append(second.execute("train", FLModelUtils.to_shareable(task), _ctx(kit, "job-b"), Signal()))
+
+    assert [r.get_return_code() for r in replies[:3]] == [ReturnCode.OK] * 3  # the job's plan: 3 rounds
+    assert "Fix:" in _refusal(replies[3])  # a fourth release in one job is refused
+    entries = [e for e in _ledger(kit).entries() if e.mechanism == "sample"]
+    a, b = sorted(entries, key=lambda e: e.job_id)
+    assert (a.noise_multiplier, a.sample_rate) == (b.noise_multiplier, b.sample_rate)  # the original plan's noise
+    assert 2 * b.steps == 3 * a.steps  # 3 rounds against job a's 2
+    assert a.job_id.startswith("job-a@") and b.job_id.startswith("job-b@")
+    assert 0 < _ledger(kit).epsilon(1e-5, job_id=b.job_id) <= 4.0  # the per-job cap holds for the continuation
+    assert _ledger(kit).audit_problems() == []
