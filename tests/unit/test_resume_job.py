@@ -91,16 +91,11 @@ def test_a_folder_that_is_not_a_job_is_named(tmp_path):
 
 
 def _server_ctx(root: Path, job: str):
-    from flare_messages import ClientEngine
-    from nvflare.apis.fl_constant import ReservedKey
-    from nvflare.apis.fl_context import FLContext
+    from flare_messages import site_with_engine
 
     for folder in ("startup", "local", job):
         (root / folder).mkdir(parents=True, exist_ok=True)
-    ctx = FLContext()
-    ctx.set_prop(ReservedKey.ENGINE, ClientEngine(root), private=True, sticky=False)
-    ctx.set_prop(ReservedKey.RUN_NUM, job, private=False, sticky=False)
-    return ctx
+    return site_with_engine(root, "server", job)
 
 
 def _update(site: str, rnd: int):
@@ -174,7 +169,9 @@ def test_resume_job_reads_the_servers_run_folder_and_writes_the_continuation(tmp
     folder = tmp_path / "cxr_fedavg_dp_resumed"
     controller = _server_config(folder)["workflows"][0]["args"]
     assert controller["start_round"] == 3
-    assert f"rounds 3..{controller['start_round'] + controller['num_rounds'] - 1} of job job-7" in capsys.readouterr().out
+    assert (
+        f"rounds 3..{controller['start_round'] + controller['num_rounds'] - 1} of job job-7" in capsys.readouterr().out
+    )
     persistor = next(c for c in _server_config(folder)["components"] if c["id"] == "persistor")
     assert persistor["args"]["source_ckpt_file_full_name"] == str(run_dir / "app_server" / "FL_global_model.pt")
 

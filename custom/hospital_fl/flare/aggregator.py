@@ -123,6 +123,7 @@ class UpdateAggregator(ModelAggregator):
         super().__init__()
         self.aggregation, self.central_dp, self.num_rounds = aggregation, central_dp, num_rounds
         self.resumed_from = resumed_from
+        self._restart_note: dict | None = None  # a continuation's first round carries it (set at START_RUN)
         self.rule = AggregationConfig(**(aggregation or {}))
         self._central = CentralClientDP(DPConfig(**central_dp), num_rounds or 1) if central_dp else None
         self.logger = get_obj_logger(self)  # ModelAggregator skips FLComponent's init
@@ -181,8 +182,8 @@ class UpdateAggregator(ModelAggregator):
     def aggregate_model(self) -> FLModel:
         rnd, updates = self._round, self._updates
         entry = {"round": rnd, "sites": self._round_sites}
-        if self.resumed_from and not any(RESUMED_FROM_KEY in e for e in self.history):
-            entry[RESUMED_FROM_KEY] = {k: self.resumed_from.get(k) for k in ("job_id", "rounds_completed")}
+        if self._restart_note:
+            entry[RESUMED_FROM_KEY], self._restart_note = self._restart_note, None
         self.history.append(entry)
         params_type = self._params_type
         rule = self._screen_settings(params_type)
@@ -281,6 +282,7 @@ class UpdateAggregator(ModelAggregator):
             self._run_dir = fl_ctx.get_engine().get_workspace().get_run_dir(job_id) if job_id else None
             if self.resumed_from:
                 self.history = self._earlier_rounds()
+                self._restart_note = {k: self.resumed_from.get(k) for k in ("job_id", "rounds_completed")}
         elif event_type == EventType.END_RUN:
             # Again at the end: a controller may add to the last round's entries after aggregating (SCAFFOLD).
             run_dir = fl_ctx.get_engine().get_workspace().get_run_dir(fl_ctx.get_job_id())

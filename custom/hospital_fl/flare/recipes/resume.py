@@ -93,7 +93,7 @@ def continuation_job(job_dir: str | Path, out_dir: str | Path, point: ResumePoin
     meta, server = json.loads(meta_file.read_text()), json.loads(server_file.read_text())
     workflow = server["workflows"][0]
     kind, args = workflow["path"].rsplit(".", 1)[-1], workflow["args"]
-    if kind in _REFUSED or kind not in _RESUMABLE:
+    if kind not in _RESUMABLE:
         raise InputError(
             "job folder",
             f"{job_dir} ({kind})",

@@ -29,7 +29,7 @@ from hospital_fl.jobspec import SegJobSpec
 from hospital_fl.models.seg import SegModelConfig, SegNetwork
 from hospital_fl.segmentation.pipeline import SegPipelineConfig, SegTrainConfig
 
-__all__ = ["SegJobSpec", "build_seg_recipe", "export_seg_job", "read_seg_job_folder", "SEG_JOBS", "SERVER_MOMENTUM"]
+__all__ = ["SegJobSpec", "build_seg_recipe", "export_seg_job", "read_seg_job_folder", "SEG_JOBS"]
 
 class SegRecipe(_InstalledSiteCode, FedAvgRecipe):
     """FLARE's FedAvg recipe for segmentation: FedAvg, FedAvgM (FLARE's FedOpt) or the HE controller."""

@@ -716,11 +716,11 @@ class ServerRestartedError(RuntimeError):
         else:
             model = "no global model was saved (no round finished), so it starts over"
         what = f"was replaced by pid {new_pid}" if new_pid else "is gone"
-        fix = (
-            f"submit its continuation, which starts at round {done} (`hospital-fl resume-job`)"
-            if job.global_model is not None and done and job.total_rounds and done < job.total_rounds
-            else "resubmit the job"
-        )
+        try:  # the continuation's own rule decides whether there is one
+            fix = f"submit its continuation, which starts at round {job.resume_point().rounds_completed} "
+            fix += "(`hospital-fl resume-job`)"
+        except InputError:
+            fix = "resubmit the job"
         super().__init__(
             f"job {job.job_id}{f' ({job.name})' if job.name else ''} cannot finish: the FLARE server process that "
             f"ran it (pid {old_pid}) {what} while the job ran. FLARE 2.9 does not resume a job after a server "
